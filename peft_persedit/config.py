@@ -1,0 +1,110 @@
+"""Configuration of a PERSEDIT adapter: where the edit banks live, how they gate, how edits are made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+
+from .registration import PERSEDIT
+
+#: model_type → the MLP output projection that edits attach to (suffix matched by peft).
+TARGET_MODULES_BY_MODEL_TYPE: dict[str, list[str]] = {
+    "llama": ["mlp.down_proj"],
+    "mistral": ["mlp.down_proj"],
+    "qwen2": ["mlp.down_proj"],
+    "qwen3": ["mlp.down_proj"],
+    "gemma": ["mlp.down_proj"],
+    "gemma2": ["mlp.down_proj"],
+    "olmo2": ["mlp.down_proj"],
+    "phi3": ["mlp.down_proj"],
+    "gpt2": ["mlp.c_proj"],
+    "gpt_neox": ["mlp.dense_4h_to_h"],
+    "gptj": ["mlp.fc_out"],
+}
+
+TRAINABLE_TENSORS = ("A", "B", "keys", "shift")
+
+
+def default_layers(num_layers: int) -> list[int]:
+    """Early-middle layers, where ROME/MEMIT find subject recall: ⌊0.15 L⌋ … ⌊0.3 L⌋, at most 5 layers."""
+    first = int(0.15 * num_layers)
+    last = max(first, min(int(0.3 * num_layers), first + 4))
+    return list(range(first, last + 1))
+
+
+@dataclass
+class PersonalizationEditConfig(PeftConfig):
+    """Configuration of a :class:`~peft_persedit.PersEditModel`.
+
+    Every edited layer holds, per adapter, a bank of clusters c with unit keys K_c, a threshold τ_c and a
+    low-rank delta B_c A_c:  y = W x + Σ_c g_c(x) · (B_c A_c x + shift_c).
+
+    Args:
+        target_modules: module names (suffixes) or a regex to wrap; default: the MLP output projection of
+            the architecture (``down_proj``, ``c_proj``, ``dense_4h_to_h``, ``fc_out``).
+        layers_to_transform: layer indices to edit; default: early-middle layers (see :func:`default_layers`).
+        layers_pattern: name of the ``nn.ModuleList`` of decoder blocks when peft cannot guess it.
+        gate: ``"hard"`` g = 1[max cos ≥ τ], ``"soft"`` g = σ((max cos − τ)/T), ``"none"`` g ≡ 1 (plain
+            ROME/MEMIT deltas; mergeable into W).
+        gate_temperature: T of the soft gate.
+        trainable: which bank tensors receive gradients (subset of ``A``, ``B``, ``keys``, ``shift``).
+        init_clusters / init_rank: clusters created empty-keyed at injection (they always fire, B = 0, so
+            the model is unchanged) — a LoRA-like start for training with :class:`transformers.Trainer`.
+    """
+
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Modules to wrap (suffixes or regex); default per architecture."}
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Layer indices to edit; default: early-middle layers."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name of the ModuleList of decoder blocks."}
+    )
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules never wrapped."})
+    gate: Literal["hard", "soft", "none"] = field(default="hard", metadata={"help": "hard | soft | none"})
+    gate_temperature: float = field(default=0.02, metadata={"help": "Temperature T of the soft gate."})
+    trainable: list[str] = field(
+        default_factory=lambda: ["A", "B"], metadata={"help": f"Trainable bank tensors, subset of {TRAINABLE_TENSORS}."}
+    )
+    init_clusters: int = field(default=0, metadata={"help": "Always-on clusters created at injection."})
+    init_rank: int = field(default=8, metadata={"help": "Rank of each initial cluster."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra modules to train and save."})
+    # editing engine (see peft_persedit.editing); saved with the adapter so edits are reproducible
+    key_token: Literal["subject_last", "prompt_last"] = field(
+        default="subject_last", metadata={"help": "Token whose layer input is the key (ROME: subject_last)."}
+    )
+    max_keys_per_cluster: int = field(default=8, metadata={"help": "k-means compresses a cluster to ≤ m keys."})
+    value_steps: int = field(default=25, metadata={"help": "Adam steps optimizing v* (batched over preferences)."})
+    value_lr: float = field(default=0.5, metadata={"help": "Learning rate of the v* optimization."})
+    kl_weight: float = field(default=0.0625, metadata={"help": "Weight of the KL term on a neutral prompt."})
+    value_weight_decay: float = field(default=0.5, metadata={"help": "L2 penalty on ‖δ‖ / ‖v‖."})
+    clamp_norm_factor: float = field(default=4.0, metadata={"help": "‖δ‖ ≤ factor · ‖v‖."})
+    mom2: Literal["self", "none"] = field(
+        default="self", metadata={"help": "Second moment C = E[k kᵀ] from self-generated text, or none."}
+    )
+    mom2_update_weight: float = field(default=1500.0, metadata={"help": "λ in (λ C + K Kᵀ)."})
+    false_fire_rate: float = field(default=1e-3, metadata={"help": "Allowed gate firing rate on neutral text."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PERSEDIT
+        if isinstance(self.target_modules, list):
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.gate not in ("hard", "soft", "none"):
+            raise ValueError(f"gate must be 'hard', 'soft' or 'none', got {self.gate!r}")
+        if self.gate_temperature <= 0:
+            raise ValueError(f"gate_temperature must be > 0, got {self.gate_temperature}")
+        unknown = set(self.trainable) - set(TRAINABLE_TENSORS)
+        if unknown:
+            raise ValueError(f"trainable contains unknown tensors {sorted(unknown)}; choose from {TRAINABLE_TENSORS}")
+        if self.init_clusters < 0 or self.init_rank < 1:
+            raise ValueError(f"init_clusters must be ≥ 0 and init_rank ≥ 1, got {self.init_clusters}, {self.init_rank}")
+        if not 0 < self.false_fire_rate < 1:
+            raise ValueError(f"false_fire_rate must be in (0, 1), got {self.false_fire_rate}")
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("layers_pattern is only used together with layers_to_transform")

@@ -1,0 +1,130 @@
+"""PersEditModel: the peft tuner that injects :class:`PersEditLinear` edit modules into a transformers model."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from .config import TARGET_MODULES_BY_MODEL_TYPE, PersonalizationEditConfig, default_layers
+from .layer import BASE_ADAPTER, PersEditLayer, PersEditLinear
+
+
+def num_hidden_layers(model_config: dict) -> int | None:
+    """Number of decoder blocks from a transformers config dict (``num_hidden_layers`` / ``n_layer``)."""
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(model_config.get(key), int):
+            return model_config[key]
+    text_config = model_config.get("text_config")
+    return num_hidden_layers(text_config) if isinstance(text_config, dict) else None
+
+
+def _adapter_names_pre_forward_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+class PersEditModel(BaseTuner):
+    """Personalization edits as a PEFT adapter (peft type ``PERSEDIT``).
+
+    Each targeted MLP output projection becomes a :class:`PersEditLinear` holding, per adapter, a bank
+    of gated low-rank cluster edits; see :class:`PersonalizationEditConfig`. Use
+    :class:`peft_persedit.PersonalizationEditor` to fill the banks from preferences.
+    """
+
+    prefix: str = "persedit_"
+    tuner_layer_cls = PersEditLayer
+    target_module_mapping = TARGET_MODULES_BY_MODEL_TYPE
+
+    def _prepare_adapter_config(self, peft_config: PersonalizationEditConfig, model_config: dict):
+        model_type = model_config.get("model_type")
+        if peft_config.target_modules is None:
+            if model_type not in self.target_module_mapping:
+                raise ValueError(
+                    f"PERSEDIT has no default target for architecture {model_type!r}; pass "
+                    "target_modules=[...] naming the MLP output projection (e.g. 'mlp.down_proj'). "
+                    f"Known architectures: {sorted(self.target_module_mapping)}"
+                )
+            peft_config.target_modules = list(self.target_module_mapping[model_type])
+        n_layers = num_hidden_layers(model_config)
+        if peft_config.layers_to_transform is None and n_layers and isinstance(peft_config.target_modules, list):
+            peft_config.layers_to_transform = default_layers(n_layers)
+        if n_layers and peft_config.layers_to_transform:
+            bad = [i for i in peft_config.layers_to_transform if not 0 <= i < n_layers]
+            if bad:
+                raise ValueError(f"layers_to_transform {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+        return peft_config
+
+    def _create_and_replace(self, persedit_config: PersonalizationEditConfig, adapter_name: str, target: nn.Module,
+                            target_name: str, parent: nn.Module, current_key: str, **optional_kwargs: Any) -> None:
+        if isinstance(target, PersEditLayer):
+            target.update_layer(adapter_name, persedit_config)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        try:
+            new_module = PersEditLinear(target, adapter_name, config=persedit_config)
+        except TypeError as err:
+            raise TypeError(f"cannot wrap {current_key!r}: {err}") from None
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        del base
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        for module in model.modules():
+            if isinstance(module, PersEditLayer):
+                module.set_adapter(module.active_adapters, inference_mode=False)
+
+    def edit_layers(self) -> dict[str, PersEditLinear]:
+        """Module name → edit module, in model order."""
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, PersEditLinear)}
+
+    def loaded_adapters(self) -> list[str]:
+        """All adapters that own a bank in at least one layer."""
+        return sorted({a for m in self.edit_layers().values() for a in m.persedit_A.keys()})
+
+    def _check_merge_allowed(self) -> None:
+        super()._check_merge_allowed()
+        for module in self.edit_layers().values():
+            for adapter in module.active_adapters:
+                if adapter in module.persedit_A:
+                    module._check_mergeable(adapter)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """Route batch row i through ``adapter_names[i]`` (``"__base__"`` = no edit, ``"a+b"`` = composition)."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("adapter_names (mixed-adapter batches) cannot be used in training mode")
+        known = set(self.loaded_adapters())
+        unknown = {p for name in adapter_names for p in name.split("+") if p != BASE_ADAPTER} - known
+        if unknown:
+            raise ValueError(f"adapter_names names unknown adapter(s) {sorted(unknown)}; known: {sorted(known)}")
+        handles = [
+            module.register_forward_pre_hook(
+                partial(_adapter_names_pre_forward_hook, adapter_names=list(adapter_names)), with_kwargs=True)
+            for module in self.edit_layers().values()
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def bank_summary(self, adapter: str | None = None) -> dict[str, dict[str, int]]:
+        """Per edited layer: clusters, keys and total rank of ``adapter`` (default: the active one)."""
+        adapter = adapter or self.active_adapters[0]
+        return {
+            name: {"clusters": m.num_clusters(adapter), "keys": m.num_keys(adapter),
+                   "rank": int(m.persedit_A[adapter].shape[0])}
+            for name, m in self.edit_layers().items() if adapter in m.persedit_A
+        }
