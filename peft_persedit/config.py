@@ -28,10 +28,8 @@ TRAINABLE_TENSORS = ("A", "B", "keys", "shift")
 
 
 def default_layers(num_layers: int) -> list[int]:
-    """Early-middle layers, where ROME/MEMIT find subject recall: ⌊0.15 L⌋ … ⌊0.3 L⌋, at most 5 layers."""
-    first = int(0.15 * num_layers)
-    last = max(first, min(int(0.3 * num_layers), first + 4))
-    return list(range(first, last + 1))
+    """One early-middle layer, where ROME finds subject recall (GPT-J 5/28, Llama 5/32): ⌊0.17 L⌋."""
+    return [int(0.17 * num_layers)]
 
 
 @dataclass
@@ -80,13 +78,19 @@ class PersonalizationEditConfig(PeftConfig):
     value_steps: int = field(default=25, metadata={"help": "Adam steps optimizing v* (batched over preferences)."})
     value_lr: float = field(default=0.5, metadata={"help": "Learning rate of the v* optimization."})
     kl_weight: float = field(default=0.0625, metadata={"help": "Weight of the KL term on a neutral prompt."})
-    value_weight_decay: float = field(default=0.5, metadata={"help": "L2 penalty on ‖δ‖ / ‖v‖."})
+    value_weight_decay: float = field(default=1e-3, metadata={"help": "L2 penalty on ‖δ‖ / ‖v‖."})
     clamp_norm_factor: float = field(default=4.0, metadata={"help": "‖δ‖ ≤ factor · ‖v‖."})
     mom2: Literal["self", "none"] = field(
         default="self", metadata={"help": "Second moment C = E[k kᵀ] from self-generated text, or none."}
     )
-    mom2_update_weight: float = field(default=1500.0, metadata={"help": "λ in (λ C + K Kᵀ)."})
+    ridge: float = field(default=1e-3, metadata={"help": "ε of the per-cluster solve (relative to tr G / n)."})
     false_fire_rate: float = field(default=1e-3, metadata={"help": "Allowed gate firing rate on neutral text."})
+    value_questions: int = field(default=1, metadata={"help": "Cluster questions v* is optimized on."})
+    synonyms: int = field(default=4, metadata={"help": "Synonyms asked of the model when none are given."})
+    contexts: int = field(default=3, metadata={"help": "Self-generated context prefixes keys average over."})
+    preferences: list[dict] = field(
+        default_factory=list, metadata={"help": "What this adapter holds: entry k ↔ cluster init_clusters + k."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

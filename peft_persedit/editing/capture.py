@@ -1,0 +1,59 @@
+"""Reading the inputs x of edit modules (the ROME/MEMIT keys) with an early exit after the deepest one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .chat import pad_batch
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, modules: Sequence[nn.Module], sequences: list[list[int]], pad: int,
+                 positions: list[int] | None = None, batch_size: int = 32, desc: str | None = None
+                 ) -> list[torch.Tensor]:
+    """Inputs of each module in ``modules`` for token ``positions[i]`` of ``sequences[i]`` ([N, d_in] each).
+
+    ``positions=None`` returns every (non-pad) token of every sequence instead. The forward pass stops
+    after the last module (layers above it are never run).
+    """
+    outputs: list[list[torch.Tensor]] = [[] for _ in modules]
+    state: dict[str, torch.Tensor] = {}
+
+    def make_hook(slot: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else kwargs["x"]
+            if positions is None:
+                outputs[slot].append(x[state["mask"]].float())
+            else:
+                outputs[slot].append(x[torch.arange(x.shape[0]), state["pos"]].float())
+            if slot == len(modules) - 1:
+                raise _StopForward
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, m in enumerate(modules)]
+    device = next(model.parameters()).device
+    try:
+        starts = range(0, len(sequences), batch_size)
+        for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
+            ids, mask = pad_batch(sequences[start:start + batch_size], pad)
+            state["mask"] = mask.bool().to(device)
+            if positions is not None:
+                state["pos"] = torch.tensor(positions[start:start + batch_size], device=device)
+            try:
+                model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    d_in = [getattr(m, "in_features", 0) for m in modules]
+    return [torch.cat(o) if o else torch.zeros(0, d) for o, d in zip(outputs, d_in)]

@@ -1,0 +1,226 @@
+"""PersonalizationEditor: preferences → keys → values → solve → gate → apply, for one or many adapters.
+
+Each preference becomes one cluster in every edit layer of its adapter; entry k of
+``config.preferences`` is cluster ``init_clusters + k``, so clusters can be forgotten one by one.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable
+
+import torch
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from ..layer import PersEditLinear
+from ..preferences import Preference
+from .chat import chat_text, encode, pad_id, subject_token_index
+from .clusters import cluster_members, kmeans, model_synonyms
+from .gate import calibrate, cluster_max_scores
+from .report import EditReport, PreferenceResult
+from .selftext import context_prefixes
+from .solve import solve_clusters
+from .statistics import layer_stats
+from .values import ValueRequest, optimize_values
+from .verify import answer_questions, target_hit
+
+Job = tuple[str, Preference]  # (adapter, preference)
+
+
+class PersonalizationEditor:
+    """Edits preferences into PERSEDIT adapters of ``peft_model`` (default: its active adapter)."""
+
+    def __init__(self, peft_model: PeftModel, tokenizer: PreTrainedTokenizerBase, adapter_name: str | None = None,
+                 progress: bool = True) -> None:
+        if not isinstance(peft_model, PeftModel) or not peft_model.base_model.__class__.__name__ == "PersEditModel":
+            raise TypeError("PersonalizationEditor needs a PeftModel with a PERSEDIT adapter "
+                            "(get_peft_model(model, PersonalizationEditConfig()))")
+        self.model = peft_model
+        self.tokenizer = tokenizer
+        self.adapter = adapter_name or peft_model.active_adapter
+        self.progress = progress
+        if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token_id is not None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    # -------------------------------------------------------------------------------------------- state
+    @property
+    def config(self):
+        return self.model.peft_config[self.adapter]
+
+    @property
+    def modules(self) -> dict[str, PersEditLinear]:
+        return self.model.base_model.edit_layers()
+
+    @property
+    def preferences(self) -> list[Preference]:
+        """The preferences the adapter holds (saved with it in ``adapter_config.json``)."""
+        return [Preference.from_dict(entry) for entry in self.config.preferences]
+
+    def _ensure_adapter(self, adapter: str) -> None:
+        if adapter not in self.model.peft_config:
+            config = copy.deepcopy(self.config)
+            config.preferences = []
+            self.model.add_adapter(adapter, config)
+
+    # ------------------------------------------------------------------------------------------ editing
+    def edit(self, preferences: Iterable[Preference], verify: bool = True) -> EditReport:
+        """Edit ``preferences`` into this editor's adapter; returns per-preference pre/post results."""
+        return self.edit_many([(self.adapter, p) for p in preferences], verify=verify)
+
+    def edit_users(self, users: dict[str, list[Preference]], verify: bool = True) -> EditReport:
+        """Edit each user's preferences into the adapter named after the user, all in one batched run."""
+        return self.edit_many([(user, p) for user, prefs in users.items() for p in prefs], verify=verify)
+
+    def forget(self, pref_id: str, adapter: str | None = None) -> None:
+        """Remove one preference (its cluster in every layer); the others stay bit-identical."""
+        adapter = adapter or self.adapter
+        config = self.model.peft_config[adapter]
+        ids = [entry["id"] for entry in config.preferences]
+        if pref_id not in ids:
+            raise KeyError(f"adapter {adapter!r} holds no preference with id {pref_id!r}; it holds {ids}")
+        k = ids.index(pref_id)
+        for module in self.modules.values():
+            if adapter in module.persedit_A:
+                module.remove_clusters(adapter, [config.init_clusters + k])
+        config.preferences = [e for i, e in enumerate(config.preferences) if i != k]
+
+    def update(self, preference: Preference, verify: bool = True) -> EditReport:
+        """Replace the preference with the same id (or add it)."""
+        if preference.id in {p.id for p in self.preferences}:
+            self.forget(preference.id)
+        return self.edit([preference], verify=verify)
+
+    def edit_many(self, jobs: list[Job], verify: bool = True) -> EditReport:
+        """The pipeline for (adapter, preference) jobs, batched across all of them."""
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[stage] = timings.get(stage, 0.0) + now - clock
+            clock = now
+
+        if not jobs:
+            return EditReport([], timings)
+        for adapter, pref in jobs:
+            self._ensure_adapter(adapter)
+            held = {e["id"] for e in self.model.peft_config[adapter].preferences}
+            if pref.id in held:
+                raise ValueError(f"adapter {adapter!r} already holds preference {pref.id!r}; use update()")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            pre = (answer_questions(self.model, self.tokenizer, [p.question for _, p in jobs],
+                                    ["__base__"] * len(jobs)) if verify else [""] * len(jobs))
+            lap("verify_before")
+            members = self._members(jobs)
+            lap("clusters")
+            with self.model.disable_adapter():
+                contexts = [""] + context_prefixes(self.model, self.tokenizer, self.config.contexts)
+                stats = layer_stats(self.model, self.tokenizer, self.modules) if self.config.mom2 == "self" else None
+            lap("statistics")
+            values = self._values(jobs, members)
+            lap("values")
+            taus = self._apply(jobs, members, contexts, values.deltas, stats, lap)
+            post = answer_questions(self.model, self.tokenizer, [p.question for _, p in jobs],
+                                    [a for a, _ in jobs]) if verify else [""] * len(jobs)
+            lap("verify_after")
+        finally:
+            self.model.train(was_training)
+        results = [
+            PreferenceResult(adapter=a, id=p.id, question=p.question, target=p.target, answer_before=b,
+                             answer_after=after, hit_before=target_hit(b, p.target),
+                             hit_after=target_hit(after, p.target), tau=taus[i], value_nll=float(values.final_nll[i]),
+                             cluster_size=len(members[i]))
+            for i, ((a, p), b, after) in enumerate(zip(jobs, pre, post))
+        ]
+        return EditReport(results, timings, verified=verify)
+
+    # ---------------------------------------------------------------------------------------- the steps
+    def _members(self, jobs: list[Job]) -> list[list[tuple[str, str]]]:
+        """Cluster questions per job (synonyms asked of the base model when none are given)."""
+        need = [p.subject for _, p in jobs if not p.questions and self.config.synonyms]
+        synonyms: dict[str, list[str]] = {}
+        if need:
+            with self.model.disable_adapter():
+                synonyms = model_synonyms(self.model, self.tokenizer, need, self.config.synonyms)
+        return [cluster_members(p, synonyms.get(p.subject)) for _, p in jobs]
+
+    def _prompt(self, question: str, subject: str, context: str, name: str) -> tuple[list[int], int]:
+        text_q = f"{context} {question}".strip()
+        text = chat_text(self.tokenizer, text_q)
+        index = subject_token_index(self.tokenizer, text, question, subject, self.config.key_token, name)
+        return encode(self.tokenizer, text), index
+
+    def _values(self, jobs: list[Job], members: list[list[tuple[str, str]]]):
+        requests = []
+        for (adapter, pref), cluster in zip(jobs, members):
+            prompts = [self._prompt(q, s, "", pref.id) for q, s in cluster[: self.config.value_questions]]
+            kl_ids = encode(self.tokenizer, f"{pref.subject} is a")
+            subject_end = len(encode(self.tokenizer, pref.subject)) - 1
+            requests.append(ValueRequest(prompts, encode(self.tokenizer, pref.target), (kl_ids, subject_end), adapter))
+        last_module = list(self.modules.values())[-1]
+        cfg = self.config
+        return optimize_values(self.model, last_module, requests, pad_id(self.tokenizer), steps=cfg.value_steps,
+                               lr=cfg.value_lr, kl_weight=cfg.kl_weight, weight_decay=cfg.value_weight_decay,
+                               clamp_norm_factor=cfg.clamp_norm_factor, progress=self.progress)
+
+    def _apply(self, jobs: list[Job], members: list[list[tuple[str, str]]], contexts: list[str],
+               deltas: torch.Tensor, stats, lap) -> list[float]:
+        """Per layer in order (later keys see earlier edits): keys → solve → gate → add clusters."""
+        from .capture import layer_inputs
+
+        modules = self.modules
+        share = 1.0 / len(modules)
+        pad = pad_id(self.tokenizer)
+        prompts, owner = [], []
+        for i, ((_, pref), cluster) in enumerate(zip(jobs, members)):
+            for q, s in cluster:
+                for ctx in contexts:
+                    prompts.append(self._prompt(q, s, ctx, pref.id))
+                    owner.append(i)
+        owner_t = torch.tensor(owner)
+        other_tokens = [encode(self.tokenizer, chat_text(self.tokenizer, p.question)) for _, p in jobs]
+        taus: list[float] = [0.0] * len(jobs)
+        for name, module in modules.items():
+            adapters = [a for a, _ in jobs]
+            x = layer_inputs(self.model, [module], [p[0] for p in prompts], pad, [p[1] for p in prompts],
+                             desc=f"keys {name}" if self.progress else None)[0]
+            negatives = layer_inputs(self.model, [module], other_tokens, pad)[0]
+            negative_owner = torch.cat([torch.full((len(t),), i) for i, t in enumerate(other_tokens)])
+            lap("keys")
+            center = stats[name].mean if stats is not None else torch.zeros(module.in_features)
+            for adapter in set(adapters):
+                if module.num_keys(adapter) == 0:
+                    module.set_center(adapter, center)
+            per_job_keys = []
+            for i, (_, cluster) in enumerate(zip(jobs, members)):
+                rows = x[owner_t == i].reshape(len(cluster), len(contexts), -1)
+                per_job_keys.append(kmeans(rows.mean(1), self.config.max_keys_per_cluster))
+            c_inv = stats[name].inverse() if stats is not None else None
+            A, B = solve_clusters(per_job_keys, deltas * share, c_inv, self.config.ridge)
+            lap("solve")
+            unit = [torch.nn.functional.normalize(k - center, dim=-1) for k in per_job_keys]
+            positives = [cluster_max_scores(x[owner_t == i], center, [unit[i]])[:, 0] for i in range(len(jobs))]
+            neutral = stats[name].samples if stats is not None else torch.zeros(0, module.in_features)
+            neg_inputs = torch.cat([neutral, negatives])
+            neg_scores = cluster_max_scores(neg_inputs, center, unit)
+            own_question = torch.zeros(neg_scores.shape, dtype=torch.bool)
+            for i, (_, pref) in enumerate(jobs):
+                same = [j for j, (_, other) in enumerate(jobs) if other.question in {q for q, _ in members[i]}]
+                for j in same:
+                    own_question[neutral.shape[0]:][negative_owner == j, i] = True
+            calibration = calibrate(positives, neg_scores, self.config.false_fire_rate, ~own_question)
+            lap("gate")
+            for i, (adapter, pref) in enumerate(jobs):
+                module.add_clusters(
+                    adapter, keys=per_job_keys[i], key_cluster=torch.zeros(per_job_keys[i].shape[0], dtype=torch.long),
+                    tau=calibration.tau[i:i + 1], A=A[i], B=B[i], rank_cluster=torch.zeros(1, dtype=torch.long))
+                taus[i] = float(calibration.tau[i])
+            lap("apply")
+        for adapter, pref in jobs:
+            self.model.peft_config[adapter].preferences.append(pref.to_dict())
+        return taus

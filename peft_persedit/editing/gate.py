@@ -1,0 +1,52 @@
+"""Gate calibration: each cluster's threshold τ_c from data.
+
+    s⁺ = scores of the cluster's own key inputs (questions × contexts),  s⁻ = scores of neutral tokens
+    (self-generated text, other preferences' prompts).   τ_c = ½ (q_{1−ρ}(s⁻) + min s⁺)
+
+with ρ the allowed false-fire rate. When the two overlap, τ_c = min s⁺ − 10⁻⁴ (efficacy first) and the
+expected false-fire rate is reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GateCalibration:
+    tau: torch.Tensor  # [C]
+    positive_min: torch.Tensor
+    negative_high: torch.Tensor
+    false_fire: torch.Tensor  # share of negatives with s ≥ τ
+
+
+def cluster_max_scores(inputs: torch.Tensor, center: torch.Tensor, unit_keys: list[torch.Tensor]) -> torch.Tensor:
+    """s [N, C] = max_{k∈c} cos(x − μ, k) for every input and cluster (keys already centred and unit)."""
+    if not unit_keys or inputs.shape[0] == 0:
+        return torch.zeros(inputs.shape[0], len(unit_keys))
+    x = torch.nn.functional.normalize(inputs.float() - center.float(), dim=-1)
+    return torch.stack([(x @ k.float().T).amax(-1) for k in unit_keys], dim=-1)
+
+
+def calibrate(positive_scores: list[torch.Tensor], negative_scores: torch.Tensor, false_fire_rate: float,
+              negative_mask: torch.Tensor | None = None) -> GateCalibration:
+    """τ per cluster from its positive scores (list of [n_c]) and negative scores [N, C].
+
+    ``negative_mask`` [N, C] excludes negatives that are legitimately this cluster's (e.g. the same question).
+    """
+    taus, pos_mins, neg_highs, fires = [], [], [], []
+    for c, pos in enumerate(positive_scores):
+        neg = negative_scores[:, c]
+        if negative_mask is not None:
+            neg = neg[negative_mask[:, c]]
+        pos_min = pos.min() if pos.numel() else torch.tensor(1.0)
+        neg_high = torch.quantile(neg, 1 - false_fire_rate) if neg.numel() else torch.tensor(-1.0)
+        tau = (neg_high + pos_min) / 2 if neg_high < pos_min else pos_min - 1e-4
+        taus.append(tau)
+        pos_mins.append(pos_min)
+        neg_highs.append(neg_high)
+        fires.append((neg >= tau).float().mean() if neg.numel() else torch.tensor(0.0))
+    stack = lambda xs: torch.stack(xs) if xs else torch.zeros(0)  # noqa: E731
+    return GateCalibration(stack(taus), stack(pos_mins), stack(neg_highs), stack(fires))

@@ -1,0 +1,223 @@
+"""Values: the residual δ_i each preference needs at the edit layer's output, optimized for all at once.
+
+For preference i with training prompts p (subject's last token s_p) and target y:
+
+    δ_i* = argmin  Σ_p −log P(y | p; h_s += δ_i) / |y|  +  λ_KL · KL(P(·|n_i) ‖ P(·|n_i; h_s += δ_i))
+                   + λ_wd ‖δ_i‖² / ‖v_i‖²,          subject to ‖δ_i‖ ≤ κ ‖v_i‖
+
+(v_i = the original output at the subject token; n_i = "{subject} is a"). One Adam optimizer holds every
+δ_i. Tokens before the subject never see δ, so their key/value cache is computed once and every step only
+runs the suffix (subject token → end of target); a preference stops once its NLL < ε.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .chat import pad_batch
+
+
+@dataclass
+class ValueRequest:
+    """What one preference asks of the edit layer: prompts (ids, subject index), target ids, a KL prompt."""
+
+    prompts: list[tuple[list[int], int]]
+    target_ids: list[int]
+    kl_prompt: tuple[list[int], int] | None = None
+    adapter: str | None = None
+
+
+@dataclass
+class ValueResult:
+    deltas: torch.Tensor  # [n, d_out]
+    output_norms: torch.Tensor  # ‖v_i‖
+    final_nll: torch.Tensor  # per request
+    steps: list[int]
+
+
+@dataclass
+class _Row:
+    owner: int
+    prefix: list[int]  # tokens before the subject token (never affected by δ)
+    suffix: list[int]  # subject token onwards (+ target)
+    loss_pos: list[int]  # positions in the suffix whose next token is scored
+    labels: list[int]
+    is_kl: bool
+
+
+def _rows(requests: list[ValueRequest]) -> list[_Row]:
+    rows = []
+    for i, request in enumerate(requests):
+        for ids, s in request.prompts:
+            suffix = list(ids[s:]) + list(request.target_ids)
+            start = len(ids) - s - 1
+            rows.append(_Row(i, list(ids[:s]), suffix, list(range(start, start + len(request.target_ids))),
+                             list(request.target_ids), False))
+        if request.kl_prompt is not None:
+            ids, s = request.kl_prompt
+            rows.append(_Row(i, list(ids[:s]), list(ids[s:]), [len(ids) - s - 1], [-1], True))
+    return rows
+
+
+class _Chunk:
+    """A fixed batch of rows with its prefix cache (left-padded prefixes, right-padded suffixes)."""
+
+    def __init__(self, model: nn.Module, rows: list[_Row], index: list[int], pad: int, adapters: list[str] | None,
+                 device: torch.device) -> None:
+        self.index = index
+        self.rows = [rows[i] for i in index]
+        self.adapters = adapters
+        width = max(len(r.prefix) for r in self.rows)
+        if width:
+            prefix_ids, prefix_mask = pad_batch([r.prefix or [pad] for r in self.rows], pad, left=True)
+            for j, r in enumerate(self.rows):
+                if not r.prefix:
+                    prefix_mask[j] = 0
+        else:
+            prefix_ids = prefix_mask = torch.zeros(len(self.rows), 0, dtype=torch.long)
+        suffix_ids, suffix_mask = pad_batch([r.suffix for r in self.rows], pad)
+        self.prefix_len = prefix_ids.shape[1]
+        self.ids = suffix_ids.to(device)
+        self.mask = torch.cat([prefix_mask, suffix_mask], dim=1).to(device)
+        positions = (self.mask.cumsum(1) - 1).clamp(min=0)
+        self.prefix_positions, self.positions = positions[:, : self.prefix_len], positions[:, self.prefix_len:]
+        self.owner = torch.tensor([r.owner for r in self.rows], device=device)
+        self.flat_rows = torch.tensor([j for j, r in enumerate(self.rows) for _ in r.loss_pos], device=device)
+        self.flat_pos = torch.tensor([p for r in self.rows for p in r.loss_pos], device=device)
+        self.labels = torch.tensor([y for r in self.rows for y in r.labels], device=device)
+        self.cache = None
+        if self.prefix_len:
+            with torch.no_grad(), _routing(model, adapters):
+                out = _decoder(model)(input_ids=prefix_ids.to(device), attention_mask=self.mask[:, : self.prefix_len],
+                                      position_ids=self.prefix_positions, use_cache=True)
+            self.cache = out.past_key_values
+
+    def log_probs(self, model: nn.Module) -> torch.Tensor:
+        """log P at the scored positions, running only the suffix on top of the cached prefix."""
+        cache = copy.deepcopy(self.cache)  # the forward appends the suffix to it; keep the prefix pristine
+        with _routing(model, self.adapters):
+            hidden = _decoder(model)(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions,
+                                     past_key_values=cache, use_cache=cache is not None).last_hidden_state
+        head = model.get_base_model().get_output_embeddings()
+        return torch.log_softmax(head(hidden[self.flat_rows, self.flat_pos]).float(), dim=-1)
+
+    def losses(self, logp: torch.Tensor, kl_reference: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Per row: mean target NLL, or KL(reference ‖ now) at the last position for KL rows."""
+        out, offset = [], 0
+        for j, r in enumerate(self.rows):
+            count = len(r.loss_pos)
+            if r.is_kl:
+                ref = kl_reference[self.index[j]]
+                out.append(torch.sum(ref.exp() * (ref - logp[offset])))
+            else:
+                span = torch.arange(offset, offset + count, device=logp.device)
+                out.append(-logp[span, self.labels[offset:offset + count]].mean())
+            offset += count
+        return torch.stack(out)
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    return model.get_base_model().base_model
+
+
+def _routing(model: nn.Module, adapters: list[str] | None):
+    """Route rows through their adapters (peft's mixed-batch hooks); a no-op context when ``adapters`` is None."""
+    from contextlib import nullcontext
+
+    if adapters is None:
+        return nullcontext()
+    return model.base_model._enable_peft_forward_hooks(adapter_names=adapters)
+
+
+class _AddDelta:
+    """Forward hook: adds δ[owner] at suffix position 0 (the subject token); records the original output."""
+
+    def __init__(self) -> None:
+        self.delta: torch.Tensor | None = None
+        self.owner: torch.Tensor | None = None
+        self.original: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        self.original = output[:, 0].detach().float()
+        if self.delta is None:
+            return output
+        add = torch.zeros_like(output, dtype=self.delta.dtype)
+        add[:, 0] = self.delta[self.owner]
+        return output + add.to(output.dtype)
+
+
+def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[ValueRequest], pad: int, *,
+                    steps: int = 25, lr: float = 0.5, kl_weight: float = 0.0625, weight_decay: float = 1e-3,
+                    clamp_norm_factor: float = 4.0, nll_stop: float = 0.05, batch_size: int = 64,
+                    progress: bool = True) -> ValueResult:
+    """Optimize δ_i for every request jointly (see module docstring). ``module`` = the edit layer."""
+    device = next(peft_model.parameters()).device
+    rows = _rows(requests)
+    n = len(requests)
+    hook = _AddDelta()
+    handle = module.register_forward_hook(hook)
+    flags = [p.requires_grad for p in peft_model.parameters()]
+    peft_model.requires_grad_(False)
+    try:
+        routed = any(r.adapter is not None for r in requests)
+        chunks = []
+        for start in range(0, len(rows), batch_size):
+            index = list(range(start, min(start + batch_size, len(rows))))
+            adapters = [requests[rows[i].owner].adapter or "__base__" for i in index] if routed else None
+            chunks.append(_Chunk(peft_model, rows, index, pad, adapters, device))
+        norms = torch.zeros(n, device=device)
+        kl_reference: dict[int, torch.Tensor] = {}
+        with torch.no_grad():
+            for chunk in chunks:
+                hook.delta = None
+                logp = chunk.log_probs(peft_model)
+                offset = 0
+                for j, r in enumerate(chunk.rows):
+                    norms[r.owner] = torch.maximum(norms[r.owner], hook.original[j].norm())
+                    offset += len(r.loss_pos)
+                    if r.is_kl:
+                        kl_reference[chunk.index[j]] = logp[offset - 1]
+        delta = torch.zeros(n, module.out_features, device=device, requires_grad=True)
+        optimizer = torch.optim.Adam([delta], lr=lr)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        nll = torch.full((n,), float("inf"), device=device)
+        used = [steps] * n
+        per_owner = torch.bincount(torch.tensor([r.owner for r in rows if not r.is_kl]), minlength=n)
+        per_owner = per_owner.clamp(min=1).float().to(device)
+        for step in tqdm(range(steps), desc="values δ*", disable=not progress, leave=False):
+            optimizer.zero_grad()
+            step_nll = torch.zeros(n, device=device)
+            for chunk in chunks:
+                if bool(done[chunk.owner].all()):
+                    continue
+                hook.delta, hook.owner = delta, chunk.owner
+                losses = chunk.losses(chunk.log_probs(peft_model), kl_reference)
+                kl = torch.tensor([r.is_kl for r in chunk.rows], device=device)
+                weights = torch.where(kl, kl_weight, 1.0 / per_owner[chunk.owner])
+                (losses * weights).sum().backward()
+                step_nll.index_add_(0, chunk.owner[~kl], (losses.detach() / per_owner[chunk.owner])[~kl])
+            decay = weight_decay * delta.pow(2).sum(-1) / norms.pow(2).clamp(min=1e-8)
+            decay.sum().backward()
+            nll = torch.where(done, nll, step_nll)
+            newly = (nll < nll_stop) & ~done
+            for i in newly.nonzero().flatten().tolist():
+                used[i] = step
+            done |= newly
+            if bool(done.all()):
+                break
+            before = delta.detach().clone()
+            optimizer.step()
+            with torch.no_grad():
+                delta[done] = before[done]  # Adam's momentum must not move finished values
+                limit = clamp_norm_factor * norms
+                delta.mul_((limit / delta.norm(dim=-1).clamp(min=1e-8)).clamp(max=1.0)[:, None])
+        return ValueResult(delta.detach(), norms, nll.detach().cpu(), used)
+    finally:
+        handle.remove()
+        for p, flag in zip(peft_model.parameters(), flags):
+            p.requires_grad_(flag)
