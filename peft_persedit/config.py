@@ -88,6 +88,9 @@ class PersonalizationEditConfig(PeftConfig):
     value_questions: int = field(default=1, metadata={"help": "Cluster questions v* is optimized on."})
     synonyms: int = field(default=4, metadata={"help": "Synonyms asked of the model when none are given."})
     contexts: int = field(default=3, metadata={"help": "Self-generated context prefixes keys average over."})
+    bank_sizes: dict[str, list[int]] = field(
+        default_factory=dict, metadata={"help": "module → [keys, clusters, rank]; kept in sync, sizes banks on load."}
+    )
     preferences: list[dict] = field(
         default_factory=list, metadata={"help": "What this adapter holds: entry k ↔ cluster init_clusters + k."}
     )

@@ -41,6 +41,8 @@ class PersEditLayer(BaseTunerLayer):
             setattr(self, f"persedit_{name}", BufferDict({}, persistent=True))
         self.persedit_gate: dict[str, tuple[str, float]] = {}
         self.persedit_trainable: dict[str, tuple[str, ...]] = {}
+        self.persedit_sizes: dict[str, dict[str, list[int]]] = {}  # adapter → its config's bank_sizes
+        self.persedit_key = kwargs.pop("current_key", "")
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._packed_cache: tuple[tuple, PackedBank] | None = None
@@ -70,6 +72,12 @@ class PersEditLayer(BaseTunerLayer):
             container[adapter] = value
         self._packed_cache = None
 
+    def _sync_sizes(self, adapter: str) -> None:
+        """Record the bank's sizes in the adapter config (``bank_sizes``), which loaders size banks from."""
+        if adapter in self.persedit_sizes:
+            rank = int(self.persedit_A[adapter].shape[0])
+            self.persedit_sizes[adapter][self.persedit_key] = [self.num_keys(adapter), self.num_clusters(adapter), rank]
+
     def update_layer(self, adapter_name: str, config: PersonalizationEditConfig, **kwargs: Any) -> None:
         """Create an empty bank for ``adapter_name`` (or ``init_clusters`` always-on clusters with B = 0)."""
         if adapter_name == BASE_ADAPTER:
@@ -78,8 +86,10 @@ class PersEditLayer(BaseTunerLayer):
         self.persedit_trainable[adapter_name] = tuple(config.trainable)
         weight = self.get_base_layer().weight
         device, dtype = weight.device, weight.dtype if weight.dtype.is_floating_point else torch.float32
-        self.resize_bank(adapter_name, 0, 0, 0, device=device, dtype=dtype)
-        if config.init_clusters:
+        saved = config.bank_sizes.get(self.persedit_key)  # a saved adapter: size the bank for its tensors
+        self.persedit_sizes[adapter_name] = config.bank_sizes
+        self.resize_bank(adapter_name, *(saved or (0, 0, 0)), device=device, dtype=dtype)
+        if config.init_clusters and not saved:
             n, r = config.init_clusters, config.init_rank
             generator = torch.Generator().manual_seed(0)
             A = torch.randn(n * r, self.in_features, generator=generator) / self.in_features**0.5
@@ -108,6 +118,7 @@ class PersEditLayer(BaseTunerLayer):
         for name, shape in shapes.items():
             t_dtype = torch.long if name in _INDEX_TENSORS else dtype
             self._set_tensor(name, adapter, torch.zeros(shape, device=device, dtype=t_dtype))
+        self._sync_sizes(adapter)
 
     def num_clusters(self, adapter: str) -> int:
         return int(self.persedit_tau[adapter].shape[0]) if adapter in self.persedit_tau else 0
@@ -157,6 +168,7 @@ class PersEditLayer(BaseTunerLayer):
             current = self._tensor(name, adapter)
             value = value.to(device=current.device, dtype=current.dtype)
             self._set_tensor(name, adapter, torch.cat([current.detach(), value], dim=1 if name == "B" else 0))
+        self._sync_sizes(adapter)
         return list(range(first, first + n_new))
 
     @torch.no_grad()
@@ -181,6 +193,7 @@ class PersEditLayer(BaseTunerLayer):
         }
         for name, value in updates.items():
             self._set_tensor(name, adapter, value.detach().clone())
+        self._sync_sizes(adapter)
 
     @torch.no_grad()
     def set_center(self, adapter: str, center: torch.Tensor) -> None:
@@ -276,8 +289,8 @@ def _resize_banks_before_load(module: nn.Module, state_dict: dict, prefix: str, 
                     f"size mismatch for {key}: checkpoint has last dimension {state_dict[key].shape[-1]}, "
                     f"this model's layer has d_in={expected} (was the adapter made for another base model?)"
                 )
-        if (num_keys, num_clusters, rank) != (module.num_keys(adapter), module.num_clusters(adapter),
-                                              module.persedit_A[adapter].shape[0]):
+        if [num_keys, num_clusters, rank] != [module.num_keys(adapter), module.num_clusters(adapter),
+                                              module.persedit_A[adapter].shape[0]]:
             module.resize_bank(adapter, num_keys, num_clusters, rank)
 
 

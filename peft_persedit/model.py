@@ -66,7 +66,7 @@ class PersEditModel(BaseTuner):
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         try:
-            new_module = PersEditLinear(target, adapter_name, config=persedit_config)
+            new_module = PersEditLinear(target, adapter_name, config=persedit_config, current_key=current_key)
         except TypeError as err:
             raise TypeError(f"cannot wrap {current_key!r}: {err}") from None
         if adapter_name not in self.active_adapters:

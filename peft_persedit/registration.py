@@ -25,11 +25,12 @@ def add_enum_member(enum_cls: type[enum.Enum], name: str, value: str) -> enum.En
     member.__objclass__ = enum_cls
     member.__init__(value)
     member._sort_order_ = len(enum_cls._member_names_)
-    if hasattr(enum_cls, "_add_member_"):  # Python ≥ 3.13
+    if hasattr(enum_cls, "_add_member_"):  # Python ≥ 3.13 (does not list the name for iteration)
         enum_cls._add_member_(name, member)
     else:
         type.__setattr__(enum_cls, name, member)
         enum_cls._member_map_[name] = member
+    if name not in enum_cls._member_names_:
         enum_cls._member_names_.append(name)
     enum_cls._value2member_map_[value] = member
     return member

