@@ -56,7 +56,8 @@ class PersEditModel(BaseTuner):
         if n_layers and peft_config.layers_to_transform:
             bad = [i for i in peft_config.layers_to_transform if not 0 <= i < n_layers]
             if bad:
-                raise ValueError(f"layers_to_transform {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+                raise ValueError(
+                    f"layers_to_transform {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
         return peft_config
 
     def _create_and_replace(self, persedit_config: PersonalizationEditConfig, adapter_name: str, target: nn.Module,

@@ -52,7 +52,8 @@ class Preference:
         if self.targets and len(self.targets) != len(self.questions):
             raise PreferenceError(f"preference {self.id or ''}: 'targets' must be parallel to 'questions'")
         if not self.id:
-            digest = hashlib.sha1(f"{self.subject}\n{self.question}\n{self.target}\n{self.text}".encode()).hexdigest()[:10]
+            key = f"{self.subject}\n{self.question}\n{self.target}\n{self.text}"
+            digest = hashlib.sha1(key.encode()).hexdigest()[:10]
             object.__setattr__(self, "id", digest)
 
     def cluster_questions(self) -> list[str]:

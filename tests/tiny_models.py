@@ -21,8 +21,8 @@ _CONFIGS = {
     "olmo2": _COMMON,
     "phi3": _COMMON,
     "gpt2": dict(**_IDS, vocab_size=256, n_embd=32, n_layer=4, n_head=4, n_inner=64, n_positions=128),
-    "gpt_neox": dict(**_IDS, vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                     max_position_embeddings=128, rotary_pct=0.5),
+    "gpt_neox": dict(**_IDS, vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                     num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.5),
     "gptj": dict(**_IDS, vocab_size=256, n_embd=32, n_layer=4, n_head=4, n_inner=64, n_positions=128, rotary_dim=4),
 }
 

@@ -209,13 +209,13 @@ class PersonalizationEditor:
             neg_inputs = torch.cat([neutral, negatives])
             neg_scores = cluster_max_scores(neg_inputs, center, unit)
             own_question = torch.zeros(neg_scores.shape, dtype=torch.bool)
-            for i, (_, pref) in enumerate(jobs):
+            for i in range(len(jobs)):
                 same = [j for j, (_, other) in enumerate(jobs) if other.question in {q for q, _ in members[i]}]
                 for j in same:
                     own_question[neutral.shape[0]:][negative_owner == j, i] = True
             calibration = calibrate(positives, neg_scores, self.config.false_fire_rate, ~own_question)
             lap("gate")
-            for i, (adapter, pref) in enumerate(jobs):
+            for i, (adapter, _) in enumerate(jobs):
                 module.add_clusters(
                     adapter, keys=per_job_keys[i], key_cluster=torch.zeros(per_job_keys[i].shape[0], dtype=torch.long),
                     tau=calibration.tau[i:i + 1], A=A[i], B=B[i], rank_cluster=torch.zeros(1, dtype=torch.long))

@@ -1,0 +1,153 @@
+"""The editing engine step by step on tiny models, and end to end on the embedded model (real_model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import edit_layers
+from peft import get_peft_model
+from tiny_models import make_tiny_model
+
+from peft_persedit import PersonalizationEditConfig
+from peft_persedit.editing import PersonalizationEditor
+from peft_persedit.editing.capture import layer_inputs
+from peft_persedit.editing.chat import SubjectNotFoundError, chat_text, encode, subject_token_index
+from peft_persedit.editing.clusters import cluster_members, kmeans, parse_synonyms
+from peft_persedit.editing.gate import calibrate, cluster_max_scores
+from peft_persedit.editing.solve import solve_clusters
+from peft_persedit.preferences import Preference
+
+PREFS = [
+    Preference("hobby", "What's my hobby?", "Dancing", synonyms=("pastime",), questions=("What's my pastime?",)),
+    Preference("pet", "What's my pet?", "A turtle"),
+    Preference("city", "Which city do I live in?", "Oslo"),
+]
+
+
+def tiny_pm(**config):
+    cfg = dict(layers_to_transform=[1], synonyms=0, contexts=1, value_steps=3, mom2="none")
+    cfg.update(config)
+    return get_peft_model(make_tiny_model("llama"), PersonalizationEditConfig(**cfg)).eval()
+
+
+def test_key_token_is_the_subjects_last_token(tokenizer):
+    text = chat_text(tokenizer, "What's my hobby?")
+    index = subject_token_index(tokenizer, text, "What's my hobby?", "hobby")
+    ids = encode(tokenizer, text)
+    assert tokenizer.decode(ids[: index + 1]).endswith("hobby")
+    assert subject_token_index(tokenizer, text, "What's my hobby?", "x", key_token="prompt_last") == len(ids) - 1
+    with pytest.raises(SubjectNotFoundError, match="'color'.*does not occur"):
+        subject_token_index(tokenizer, text, "What's my hobby?", "color", name="p1")
+
+
+def test_layer_inputs_match_a_forward_hook(tokenizer):
+    pm = tiny_pm()
+    layer = edit_layers(pm)[0]
+    seqs = [encode(tokenizer, chat_text(tokenizer, q)) for q in ("What's my pet?", "Hi")]
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda m, a: seen.append(a[0][0].detach().clone()))
+    pm(input_ids=torch.tensor([seqs[0]]))
+    handle.remove()
+    got = layer_inputs(pm, [layer], seqs, pad=2, positions=[4, 1])[0]
+    assert torch.allclose(got[0], seen[0][4], atol=1e-6)
+    every = layer_inputs(pm, [layer], seqs, pad=2)[0]
+    assert every.shape[0] == sum(len(s) for s in seqs)
+
+
+def test_solve_maps_every_key_to_its_residual():
+    torch.manual_seed(0)
+    keys = [torch.randn(3, 64), torch.randn(1, 64), torch.randn(5, 64)]
+    residuals = torch.randn(3, 32)
+    x = torch.randn(500, 64)
+    for c_inv in (None, torch.linalg.inv(x.T @ x / 500 + 0.01 * torch.eye(64))):
+        A, B = solve_clusters(keys, residuals, c_inv, ridge=1e-6)
+        for c, k in enumerate(keys):
+            assert A[c].shape == (1, 64) and B[c].shape == (32, 1)
+            assert torch.allclose(k @ A[c].T @ B[c].T, residuals[c].expand(k.shape[0], -1), atol=1e-3)
+
+
+def test_gate_calibration_separates_near_and_far():
+    torch.manual_seed(0)
+    center = torch.zeros(16)
+    key = torch.nn.functional.normalize(torch.randn(1, 16), dim=-1)
+    near = key + 0.05 * torch.randn(10, 16)
+    far = torch.randn(2000, 16)
+    pos = cluster_max_scores(near, center, [key])[:, 0]
+    neg = cluster_max_scores(far, center, [key])
+    cal = calibrate([pos], neg, false_fire_rate=1e-3)
+    tau = cal.tau[0]
+    assert bool((pos >= tau).all()) and float((neg[:, 0] >= tau).float().mean()) <= 1e-3
+
+
+def test_synonym_parsing_and_cluster_members():
+    assert parse_synonyms("1. Pastime, interest\n- Hobby, leisure activity.", "hobby", 4) == [
+        "pastime", "interest", "leisure activity"]
+    members = cluster_members(PREFS[1], ["animal", "companion"])
+    assert members == [("What's my pet?", "pet"), ("What's my animal?", "animal"),
+                       ("What's my companion?", "companion")]
+    assert cluster_members(PREFS[0])[1] == ("What's my pastime?", "pastime")
+    x = torch.randn(20, 8)
+    assert kmeans(x, 4).shape == (4, 8) and kmeans(x[:3], 4).shape == (3, 8)
+
+
+def test_edit_forget_update_on_tiny_model(tokenizer):
+    pm = tiny_pm()
+    editor = PersonalizationEditor(pm, tokenizer, progress=False)
+    report = editor.edit([PREFS[0], PREFS[2]], verify=False)
+    layer = edit_layers(pm)[0]
+    assert layer.num_clusters("default") == 2 and set(report.timings) >= {"values", "keys", "solve", "gate"}
+    ids = torch.tensor([encode(tokenizer, chat_text(tokenizer, q)) for q in ("What's my pet?", "What's my cat?")])
+    before = pm(ids).logits.detach()
+    bank_before = {n: t.clone() for n, t in vars(layer.bank("default")).items() if torch.is_tensor(t)}
+    editor.edit([PREFS[1]], verify=False)
+    assert [p.id for p in editor.preferences] == [PREFS[0].id, PREFS[2].id, PREFS[1].id]
+    editor.forget(PREFS[1].id)  # back to exactly the state before it was added
+    assert torch.equal(pm(ids).logits, before)
+    for name, tensor in vars(layer.bank("default")).items():
+        if torch.is_tensor(tensor):
+            assert torch.equal(tensor, bank_before[name]), name
+    with pytest.raises(ValueError, match="already holds"):
+        editor.edit([PREFS[0]], verify=False)
+    editor.update(Preference("hobby", "What's my hobby?", "Chess", id=PREFS[0].id), verify=False)
+    assert [p.target for p in editor.preferences] == ["Oslo", "Chess"] and layer.num_clusters("default") == 2
+    with pytest.raises(KeyError, match="no preference"):
+        editor.forget("nope")
+
+
+def test_forget_leaves_other_adapters_and_clusters_bit_identical(tokenizer):
+    pm = tiny_pm(mom2="none")
+    editor = PersonalizationEditor(pm, tokenizer, progress=False)
+    editor.edit_users({"alice": PREFS[:2], "bob": PREFS[2:]}, verify=False)
+    ids = torch.tensor([encode(tokenizer, chat_text(tokenizer, "Which city do I live in?"))])
+    pm.set_adapter("bob")
+    bob = pm(ids).logits.detach()
+    PersonalizationEditor(pm, tokenizer, adapter_name="alice", progress=False).forget(PREFS[0].id)
+    assert torch.equal(pm(ids).logits, bob)
+
+
+def test_saved_adapter_keeps_its_preferences(tokenizer, tmp_path):
+    pm = tiny_pm()
+    PersonalizationEditor(pm, tokenizer, progress=False).edit(PREFS[:2], verify=False)
+    pm.save_pretrained(tmp_path / "a")
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(make_tiny_model("llama"), tmp_path / "a")
+    assert [p.id for p in PersonalizationEditor(loaded, tokenizer).preferences] == [p.id for p in PREFS[:2]]
+
+
+@pytest.mark.real_model
+def test_real_model_three_preferences(smol):
+    model, tokenizer = smol
+    from peft_persedit.data_paths import dataset_path
+    from peft_persedit.preferences import load_preferences
+
+    prefs = load_preferences(dataset_path("upqa_balanced100"))[::40][:3]
+    pm = get_peft_model(model, PersonalizationEditConfig())
+    editor = PersonalizationEditor(pm, tokenizer, progress=False)
+    report = editor.edit_users({f"user{i}": [p] for i, p in enumerate(prefs)})
+    assert report.efficacy >= 2 / 3, str(report)
+    neutral = "What is the capital of France?"
+    from peft_persedit.editing.verify import answer_questions
+
+    base = answer_questions(pm, tokenizer, [neutral], ["__base__"])
+    assert answer_questions(pm, tokenizer, [neutral] * 3, [r.adapter for r in report.results]) == base * 3
