@@ -7,7 +7,9 @@ For preference i with training prompts p (subject's last token s_p) and target y
 
 (v_i = the original output at the subject token; n_i = "{subject} is a"). One Adam optimizer holds every
 δ_i. Tokens before the subject never see δ, so their key/value cache is computed once and every step only
-runs the suffix (subject token → end of target); a preference stops once its NLL < ε.
+runs the suffix (subject token → end of target); rows of similar length share a chunk. A preference stops
+as soon as greedy decoding reproduces its whole target on every prompt and its NLL < ε (what efficacy
+needs), and a chunk is skipped once all its preferences stopped.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class _Row:
     is_kl: bool
 
 
-def _rows(requests: list[ValueRequest]) -> list[_Row]:
+def _rows(requests: list[ValueRequest], with_kl: bool = True) -> list[_Row]:
     rows = []
     for i, request in enumerate(requests):
         for ids, s in request.prompts:
@@ -58,7 +60,7 @@ def _rows(requests: list[ValueRequest]) -> list[_Row]:
             start = len(ids) - s - 1
             rows.append(_Row(i, list(ids[:s]), suffix, list(range(start, start + len(request.target_ids))),
                              list(request.target_ids), False))
-        if request.kl_prompt is not None:
+        if with_kl and request.kl_prompt is not None:
             ids, s = request.kl_prompt
             rows.append(_Row(i, list(ids[:s]), list(ids[s:]), [len(ids) - s - 1], [-1], True))
     return rows
@@ -106,19 +108,23 @@ class _Chunk:
         head = model.get_base_model().get_output_embeddings()
         return torch.log_softmax(head(hidden[self.flat_rows, self.flat_pos]).float(), dim=-1)
 
-    def losses(self, logp: torch.Tensor, kl_reference: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Per row: mean target NLL, or KL(reference ‖ now) at the last position for KL rows."""
-        out, offset = [], 0
+    def losses(self, logp: torch.Tensor, kl_reference: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: mean target NLL (or KL(reference ‖ now) for KL rows), and whether greedy decoding
+        reproduces the whole target (every target token is the argmax; always True for KL rows)."""
+        out, greedy, offset = [], [], 0
         for j, r in enumerate(self.rows):
             count = len(r.loss_pos)
             if r.is_kl:
                 ref = kl_reference[self.index[j]]
                 out.append(torch.sum(ref.exp() * (ref - logp[offset])))
+                greedy.append(torch.tensor(True, device=logp.device))
             else:
                 span = torch.arange(offset, offset + count, device=logp.device)
-                out.append(-logp[span, self.labels[offset:offset + count]].mean())
+                labels = self.labels[offset:offset + count]
+                out.append(-logp[span, labels].mean())
+                greedy.append((logp[span].argmax(-1) == labels).all())
             offset += count
-        return torch.stack(out)
+        return torch.stack(out), torch.stack(greedy)
 
 
 def _decoder(model: nn.Module) -> nn.Module:
@@ -153,11 +159,11 @@ class _AddDelta:
 
 def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[ValueRequest], pad: int, *,
                     steps: int = 25, lr: float = 0.5, kl_weight: float = 0.0625, weight_decay: float = 1e-3,
-                    clamp_norm_factor: float = 4.0, nll_stop: float = 0.05, batch_size: int = 64,
+                    clamp_norm_factor: float = 4.0, nll_stop: float = 0.25, batch_size: int = 32,
                     progress: bool = True) -> ValueResult:
     """Optimize δ_i for every request jointly (see module docstring). ``module`` = the edit layer."""
     device = next(peft_model.parameters()).device
-    rows = _rows(requests)
+    rows = _rows(requests, with_kl=kl_weight > 0)
     n = len(requests)
     hook = _AddDelta()
     handle = module.register_forward_hook(hook)
@@ -166,8 +172,9 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
     try:
         routed = any(r.adapter is not None for r in requests)
         chunks = []
-        for start in range(0, len(rows), batch_size):
-            index = list(range(start, min(start + batch_size, len(rows))))
+        order = sorted(range(len(rows)), key=lambda r: (len(rows[r].suffix), len(rows[r].prefix)))
+        for start in range(0, len(rows), batch_size):  # similar lengths share a chunk: little padding
+            index = order[start:start + batch_size]
             adapters = [requests[rows[i].owner].adapter or "__base__" for i in index] if routed else None
             chunks.append(_Chunk(peft_model, rows, index, pad, adapters, device))
         norms = torch.zeros(n, device=device)
@@ -192,11 +199,14 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
         for step in tqdm(range(steps), desc="values δ*", disable=not progress, leave=False):
             optimizer.zero_grad()
             step_nll = torch.zeros(n, device=device)
+            step_greedy = torch.ones(n, dtype=torch.bool, device=device)
             for chunk in chunks:
                 if bool(done[chunk.owner].all()):
                     continue
                 hook.delta, hook.owner = delta, chunk.owner
-                losses = chunk.losses(chunk.log_probs(peft_model), kl_reference)
+                losses, greedy = chunk.losses(chunk.log_probs(peft_model), kl_reference)
+                for j, ok in enumerate(greedy.tolist()):
+                    step_greedy[chunk.owner[j]] &= ok
                 kl = torch.tensor([r.is_kl for r in chunk.rows], device=device)
                 weights = torch.where(kl, kl_weight, 1.0 / per_owner[chunk.owner])
                 (losses * weights).sum().backward()
@@ -204,7 +214,7 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
             decay = weight_decay * delta.pow(2).sum(-1) / norms.pow(2).clamp(min=1e-8)
             decay.sum().backward()
             nll = torch.where(done, nll, step_nll)
-            newly = (nll < nll_stop) & ~done
+            newly = (nll < nll_stop) & step_greedy & ~done
             for i in newly.nonzero().flatten().tolist():
                 used[i] = step
             done |= newly

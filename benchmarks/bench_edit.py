@@ -1,0 +1,128 @@
+"""Editing-engine benchmark on the embedded SmolLM2-135M-Instruct (CPU), UPQA balanced100.
+
+Prints and saves (``--out``, default benchmarks/results/edit):
+  * efficacy / paraphrase / implicit accuracy of persedit (gated, clustered; every item = one user, all
+    users edited in one batched call), ungated ROME (gate="none", no C, one edit per preference) and no edit;
+  * locality: share of 50 generic prompts whose greedy output is unchanged after all preferences are in
+    ONE adapter (the union of the per-user banks: clusters are solved and gated independently);
+  * the time of each pipeline stage, and the ratio of persedit's edit time per preference vs. the paper's
+    sequential ROME-per-synonym (one ungated edit per synonym question, run on ``--rome-items`` items).
+
+    python benchmarks/bench_edit.py [--limit 100] [--rome-items 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+
+from peft_persedit import PersonalizationEditConfig, load_default_model
+from peft_persedit.data_paths import dataset_path
+from peft_persedit.editing import PersonalizationEditor
+from peft_persedit.editing.verify import answer_questions, target_hit
+from peft_persedit.preferences import Preference, load_preferences
+from peft_persedit.prompts import load_prompt_set
+
+QUESTION_KINDS = {"efficacy": "question", "paraphrase": "paraphrased_question", "implicit": "implicit_question"}
+
+
+def accuracy(pm, tokenizer, prefs: list[Preference], adapters: list[str]) -> dict[str, float]:
+    """Target-substring accuracy of each question kind, row i answered with ``adapters[i]``."""
+    out = {}
+    for name, attr in QUESTION_KINDS.items():
+        answers = answer_questions(pm, tokenizer, [getattr(p, attr) for p in prefs], adapters)
+        out[name] = sum(target_hit(a, p.target) for a, p in zip(answers, prefs)) / len(prefs)
+    return out
+
+
+@torch.no_grad()
+def union_adapter(pm, sources: list[str], name: str) -> None:
+    """Copy every cluster of ``sources`` into one new adapter ``name`` (same layers, gates and τ)."""
+    pm.add_adapter(name, PersonalizationEditConfig(**{
+        k: v for k, v in pm.peft_config[sources[0]].to_dict().items()
+        if k in ("target_modules", "layers_to_transform", "gate")}))
+    for layer in pm.base_model.edit_layers().values():
+        for source in sources:
+            bank = layer.bank(source)
+            if layer.num_keys(name) == 0:
+                layer.set_center(name, bank.center)
+            # keys are stored unit and centred; add_clusters centres them again with the same μ
+            layer.add_clusters(name, keys=bank.keys.float() + bank.center.float(), key_cluster=bank.key_cluster,
+                               tau=bank.tau, A=bank.A, B=bank.B, rank_cluster=bank.rank_cluster, shift=bank.shift)
+
+
+def edit_all(pm, tokenizer, prefs: list[Preference], prefix: str, template: str) -> tuple[list[str], dict]:
+    """Every preference its own user adapter (config copied from ``template``), edited in one batched call."""
+    users = {f"{prefix}{i}": [p] for i, p in enumerate(prefs)}
+    start = time.perf_counter()
+    report = PersonalizationEditor(pm, tokenizer, adapter_name=template).edit_users(users, verify=False)
+    report.timings["total"] = time.perf_counter() - start
+    return list(users), report.timings
+
+
+def rome_per_synonym(pm, tokenizer, items: list[Preference], config: PersonalizationEditConfig) -> float:
+    """Seconds per preference of the paper's procedure: one ungated edit per synonym question, in sequence."""
+    start = time.perf_counter()
+    for i, pref in enumerate(items):
+        pm.add_adapter(f"rps{i}", copy.deepcopy(config))
+        editor = PersonalizationEditor(pm, tokenizer, adapter_name=f"rps{i}", progress=False)
+        members = list(zip((pref.question, *pref.questions), (pref.subject, *pref.synonyms)))
+        for j, (question, subject) in enumerate(members):
+            editor.edit([Preference(subject, question, pref.target, id=f"{pref.id}-{j}")], verify=False)
+    return (time.perf_counter() - start) / len(items)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--rome-items", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results/edit")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    model, tokenizer = load_default_model()
+    prefs = load_preferences(dataset_path("upqa_balanced100"))[: args.limit]
+    cluster9 = load_preferences(dataset_path("upqa_balanced100_cluster9"))[: args.rome_items]
+    results: dict = {"limit": args.limit}
+
+    pm = get_peft_model(model, PersonalizationEditConfig(), adapter_name="default").eval()
+    base_adapters = ["__base__"] * len(prefs)
+    results["no_edit"] = accuracy(pm, tokenizer, prefs, base_adapters)
+    users, results["persedit_timings"] = edit_all(pm, tokenizer, prefs, "u", "default")
+    results["persedit"] = accuracy(pm, tokenizer, prefs, users)
+
+    neutral = load_prompt_set("neutral_prompts")[:50]
+    union_adapter(pm, users, "all")
+    base_out = answer_questions(pm, tokenizer, neutral, ["__base__"] * len(neutral))
+    all_out = answer_questions(pm, tokenizer, neutral, ["all"] * len(neutral))
+    results["locality_all_in_one"] = sum(a == b for a, b in zip(base_out, all_out)) / len(neutral)
+    for user in users:
+        pm.delete_adapter(user)
+
+    rome_cfg = PersonalizationEditConfig(gate="none", mom2="none", synonyms=0, contexts=0)
+    pm.add_adapter("rome_cfg", copy.deepcopy(rome_cfg))
+    rome_users, results["rome_timings"] = edit_all(pm, tokenizer, prefs, "r", "rome_cfg")
+    results["rome_ungated"] = accuracy(pm, tokenizer, prefs, rome_users)
+    rome_all = answer_questions(pm, tokenizer, neutral, rome_users[:1] * len(neutral))
+    results["rome_locality_one_edit"] = sum(a == b for a, b in zip(base_out, rome_all)) / len(neutral)
+    for user in rome_users:
+        pm.delete_adapter(user)
+
+    per_pref_rome = rome_per_synonym(pm, tokenizer, cluster9, rome_cfg)
+    per_pref_persedit = results["persedit_timings"]["total"] / len(prefs)
+    results["seconds_per_preference"] = {"persedit_batched": per_pref_persedit, "rome_per_synonym": per_pref_rome}
+    results["speedup_vs_rome_per_synonym"] = per_pref_rome / per_pref_persedit
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
