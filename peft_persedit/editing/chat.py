@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -25,7 +27,8 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 
 def subject_token_index(tokenizer: PreTrainedTokenizerBase, text: str, question: str, subject: str,
                         key_token: str = "subject_last", name: str = "") -> int:
-    """Index of the token holding the last character of ``subject`` inside ``question`` within ``text``.
+    """Index of the token holding the last character of ``subject`` inside ``question`` within ``text``
+    (its last whole-word occurrence, else its last occurrence as a substring).
 
     With ``key_token="prompt_last"`` (or as its fallback when the subject is absent and allowed), the last
     prompt token. Raises :class:`SubjectNotFoundError` naming the preference otherwise.
@@ -34,7 +37,9 @@ def subject_token_index(tokenizer: PreTrainedTokenizerBase, text: str, question:
     if key_token == "prompt_last":
         return len(ids) - 1
     q_start = text.rfind(question)
-    s_start = question.lower().rfind(subject.lower())
+    word = re.escape(subject.strip())
+    matches = list(re.finditer(rf"\b{word}\b", question, re.IGNORECASE)) if subject.strip() else []
+    s_start = matches[-1].start() if matches else question.lower().rfind(subject.lower())
     if q_start < 0 or s_start < 0 or not subject.strip():
         raise SubjectNotFoundError(
             f"preference {name or subject!r}: subject {subject!r} does not occur in question {question!r} "

@@ -68,13 +68,20 @@ def context_prefixes(model: nn.Module, tokenizer: PreTrainedTokenizerBase, n: in
     return _cached_json(f"contexts_{n}_{length}", model, build)
 
 
-def neutral_corpus(model: nn.Module, tokenizer: PreTrainedTokenizerBase, n: int = 48, length: int = 48) -> list[str]:
-    """Neutral prompts with the model's own greedy answers, in chat format (for C = E[kkᵀ] and the gates)."""
-    prompts = load_prompt_set("neutral_prompts")[:n]
+#: The first 50 neutral prompts are held out for locality measurements; the corpus uses the rest.
+HELD_OUT_PROMPTS = 50
+FREE_TEXT_SEEDS = ("The", "In", "A", "It", "When", "Many", "There", "One", "This", "Some", "After", "Most")
+
+
+def neutral_corpus(model: nn.Module, tokenizer: PreTrainedTokenizerBase, length: int = 48) -> list[str]:
+    """Self-generated neutral text: the model's greedy answers to held-in neutral prompts (chat format) and
+    sampled free-text continuations of generic seeds. Used for C = E[kkᵀ], μ and the gates' negatives."""
+    prompts = load_prompt_set("neutral_prompts")[HELD_OUT_PROMPTS:]
 
     def build() -> list[str]:
         formatted = [chat_text(tokenizer, p) for p in prompts]
         answers = generate(model, tokenizer, formatted, max_new_tokens=length)
-        return [f + a for f, a in zip(formatted, answers)]
+        free = generate(model, tokenizer, list(FREE_TEXT_SEEDS), max_new_tokens=length, sample=True, seed=1)
+        return [f + a for f, a in zip(formatted, answers)] + [s + t for s, t in zip(FREE_TEXT_SEEDS, free)]
 
-    return _cached_json(f"neutral_{n}_{length}", model, build)
+    return _cached_json(f"corpus_{len(prompts)}_{length}", model, build)

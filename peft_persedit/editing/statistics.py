@@ -36,7 +36,7 @@ def layer_stats(peft_model: nn.Module, tokenizer: PreTrainedTokenizerBase, modul
                 max_samples: int = 4096) -> dict[str, LayerStats]:
     """:class:`LayerStats` for each named edit module, from the base model (adapters disabled), cached."""
     base = peft_model.get_base_model()
-    folder = cache_dir("stats", model_fingerprint(base))
+    folder = cache_dir("stats-v2", model_fingerprint(base))
     missing = [name for name in modules if not (folder / f"{name}.pt").is_file()]
     if missing:
         corpus = neutral_corpus(peft_model, tokenizer)

@@ -22,6 +22,8 @@ def answer_questions(peft_model: PeftModel, tokenizer: PreTrainedTokenizerBase, 
     pad = pad_id(tokenizer)
     device = next(peft_model.parameters()).device
     answers: list[str] = []
+    was_training = peft_model.training
+    peft_model.eval()  # generation is inference (and mixed-adapter batches need eval mode)
     for start in range(0, len(questions), batch_size):
         chunk = questions[start:start + batch_size]
         ids, mask = pad_batch([encode(tokenizer, chat_text(tokenizer, q, system)) for q in chunk], pad, left=True)
@@ -29,4 +31,5 @@ def answer_questions(peft_model: PeftModel, tokenizer: PreTrainedTokenizerBase, 
         out = peft_model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                   max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
         answers.extend(a.strip() for a in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True))
+    peft_model.train(was_training)
     return answers
