@@ -65,7 +65,8 @@ class PersonalizationEditConfig(PeftConfig):
     gate: Literal["hard", "soft", "none"] = field(default="hard", metadata={"help": "hard | soft | none"})
     gate_temperature: float = field(default=0.02, metadata={"help": "Temperature T of the soft gate."})
     trainable: list[str] = field(
-        default_factory=lambda: ["A", "B"], metadata={"help": f"Trainable bank tensors, subset of {TRAINABLE_TENSORS}."}
+        default_factory=lambda: ["A", "B"],
+        metadata={"help": f"Trainable bank tensors, subset of {TRAINABLE_TENSORS}."},
     )
     init_clusters: int = field(default=0, metadata={"help": "Always-on clusters created at injection."})
     init_rank: int = field(default=8, metadata={"help": "Rank of each initial cluster."})
@@ -98,6 +99,9 @@ class PersonalizationEditConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PERSEDIT
+        # the sizes this config was created with (from adapter_config.json when loading); banks are sized from
+        # this snapshot, while ``bank_sizes`` follows the live banks and is what gets saved
+        self._saved_bank_sizes = {k: list(v) for k, v in self.bank_sizes.items()}
         if isinstance(self.target_modules, list):
             self.target_modules = list(self.target_modules)
         if isinstance(self.layers_to_transform, int):
@@ -110,8 +114,14 @@ class PersonalizationEditConfig(PeftConfig):
         if unknown:
             raise ValueError(f"trainable contains unknown tensors {sorted(unknown)}; choose from {TRAINABLE_TENSORS}")
         if self.init_clusters < 0 or self.init_rank < 1:
-            raise ValueError(f"init_clusters must be ≥ 0 and init_rank ≥ 1, got {self.init_clusters}, {self.init_rank}")
+            raise ValueError(
+                f"init_clusters must be ≥ 0 and init_rank ≥ 1, got {self.init_clusters}, {self.init_rank}")
         if not 0 < self.false_fire_rate < 1:
             raise ValueError(f"false_fire_rate must be in (0, 1), got {self.false_fire_rate}")
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("layers_pattern is only used together with layers_to_transform")
+
+
+def saved_bank_sizes(config: PersonalizationEditConfig) -> dict[str, list[int]]:
+    """Bank sizes ``config`` was created with (module → [keys, clusters, rank]); empty for a new adapter."""
+    return getattr(config, "_saved_bank_sizes", {})

@@ -9,6 +9,7 @@ clusters, and a load-state-dict pre-hook resizes a bank to the saved tensors bef
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -18,7 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .config import PersonalizationEditConfig
+from .config import PersonalizationEditConfig, saved_bank_sizes
 from .kernels import EditBank, PackedBank, gated_edit, pack_banks
 
 BASE_ADAPTER = "__base__"
@@ -75,8 +76,8 @@ class PersEditLayer(BaseTunerLayer):
     def _sync_sizes(self, adapter: str) -> None:
         """Record the bank's sizes in the adapter config (``bank_sizes``), which loaders size banks from."""
         if adapter in self.persedit_sizes:
-            rank = int(self.persedit_A[adapter].shape[0])
-            self.persedit_sizes[adapter][self.persedit_key] = [self.num_keys(adapter), self.num_clusters(adapter), rank]
+            sizes = [self.num_keys(adapter), self.num_clusters(adapter), int(self.persedit_A[adapter].shape[0])]
+            self.persedit_sizes[adapter][self.persedit_key] = sizes
 
     def update_layer(self, adapter_name: str, config: PersonalizationEditConfig, **kwargs: Any) -> None:
         """Create an empty bank for ``adapter_name`` (or ``init_clusters`` always-on clusters with B = 0)."""
@@ -86,7 +87,7 @@ class PersEditLayer(BaseTunerLayer):
         self.persedit_trainable[adapter_name] = tuple(config.trainable)
         weight = self.get_base_layer().weight
         device, dtype = weight.device, weight.dtype if weight.dtype.is_floating_point else torch.float32
-        saved = config.bank_sizes.get(self.persedit_key)  # a saved adapter: size the bank for its tensors
+        saved = saved_bank_sizes(config).get(self.persedit_key)  # a saved adapter: size the bank for its tensors
         self.persedit_sizes[adapter_name] = config.bank_sizes
         self.resize_bank(adapter_name, *(saved or (0, 0, 0)), device=device, dtype=dtype)
         if config.init_clusters and not saved:
@@ -205,6 +206,14 @@ class PersEditLayer(BaseTunerLayer):
     # ----------------------------------------------------------------------------------------- trainability
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_names, inference_mode=inference_mode)
+        self.freeze_untrainable()
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        self.freeze_untrainable()
+
+    def freeze_untrainable(self) -> None:
+        """Turn gradients off for the bank tensors an adapter's config does not list as ``trainable``."""
         for adapter, trainable in self.persedit_trainable.items():
             for name in _FLOAT_TENSORS:
                 container = getattr(self, f"persedit_{name}")
@@ -214,6 +223,7 @@ class PersEditLayer(BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
+        self.persedit_sizes.pop(adapter_name, None)
         self.persedit_gate.pop(adapter_name, None)
         self.persedit_trainable.pop(adapter_name, None)
         self._packed_cache = None
@@ -228,12 +238,14 @@ class PersEditLayer(BaseTunerLayer):
         return delta
 
     def _check_mergeable(self, adapter: str) -> None:
+        """Raise unless the bank is input-independent: gate 'none', no clusters, or only always-on (τ = −∞) ones."""
         gate = self.persedit_gate[adapter][0]
-        if gate != "none" and self.num_clusters(adapter):
+        keyed = int((~torch.isneginf(self.persedit_tau[adapter])).sum())
+        if gate != "none" and keyed:
             raise ValueError(
-                f"adapter {adapter!r} cannot be merged: its edits are gated (gate={gate!r}), so each delta "
-                "g_c(x)·B_c A_c x depends on the input and no fixed weight W' equals it. Merge only adapters "
-                "created with gate='none', or keep the adapter unmerged."
+                f"adapter {adapter!r} cannot be merged: {keyed} of its clusters are gated (gate={gate!r}), so "
+                "their delta g_c(x)·B_c A_c x depends on the input and no fixed weight W' equals it. Merge only "
+                "adapters created with gate='none' (or whose clusters all have τ = −∞), or keep it unmerged."
             )
         base = self.get_base_layer()
         if base.bias is None and bool(self.persedit_shift[adapter].abs().sum() > 0):
@@ -271,6 +283,26 @@ class PersEditLayer(BaseTunerLayer):
                         base.bias.dtype)
 
 
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter (and cannot change in place)
+        return -1
+
+
+def _pack(banks: list[EditBank]) -> PackedBank:
+    """:func:`pack_banks`; for one bank, the float tensors are the live ones (views, no copies)."""
+    packed = pack_banks(banks)
+    if len(banks) > 1:
+        return packed
+    bank = banks[0]
+    live = {"keys": bank.keys, "A": bank.A, "B": bank.B, "shift": bank.shift, "center": bank.center[None]}
+    live = {name: t for name, t in live.items() if t.dtype == packed.A.dtype and t.device == packed.A.device}
+    if bank.tau.dtype == torch.float32:
+        live["tau"] = bank.tau
+    return dataclasses.replace(packed, **live)
+
+
 def _resize_banks_before_load(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     """Load-state-dict pre-hook: size each adapter's bank to the saved tensors (clusters may be 0 … many)."""
     if not isinstance(module, PersEditLayer):
@@ -282,12 +314,15 @@ def _resize_banks_before_load(module: nn.Module, state_dict: dict, prefix: str, 
         rank = state_dict[a_key].shape[0] if a_key in state_dict else module.persedit_A[adapter].shape[0]
         num_keys = state_dict[keys_key].shape[0] if keys_key in state_dict else module.num_keys(adapter)
         num_clusters = state_dict[tau_key].shape[0] if tau_key in state_dict else module.num_clusters(adapter)
-        for name, expected in (("A", module.in_features), ("keys", module.in_features), ("center", module.in_features)):
+        d_in, d_out = module.in_features, module.out_features
+        for name, dim, expected in (("A", -1, d_in), ("keys", -1, d_in), ("center", -1, d_in), ("B", 0, d_out),
+                                    ("shift", -1, d_out)):
             key = f"{prefix}persedit_{name}.{adapter}"
-            if key in state_dict and state_dict[key].shape[-1] != expected:
+            if key in state_dict and state_dict[key].ndim and state_dict[key].shape[dim] != expected:
                 raise ValueError(
-                    f"size mismatch for {key}: checkpoint has last dimension {state_dict[key].shape[-1]}, "
-                    f"this model's layer has d_in={expected} (was the adapter made for another base model?)"
+                    f"size mismatch for {key}: the checkpoint's tensor has shape {tuple(state_dict[key].shape)}, "
+                    f"but this model's layer has d_in={d_in}, d_out={d_out} (was the adapter made for another "
+                    "base model?)"
                 )
         if [num_keys, num_clusters, rank] != [module.num_keys(adapter), module.num_clusters(adapter),
                                               module.persedit_A[adapter].shape[0]]:
@@ -305,19 +340,23 @@ class PersEditLinear(nn.Module, PersEditLayer):
         self.update_layer(adapter_name, config)
 
     def packed_bank(self, adapters: list[str]) -> PackedBank:
-        """The banks of ``adapters`` packed (cached while no tensor changed and none needs gradients)."""
+        """The banks of ``adapters`` packed (cached while no tensor changed and none needs gradients).
+
+        A single adapter's packed bank views its live float tensors, so even edits through ``.data`` (which
+        bypass the version counter) show at once; several adapters are concatenated copies.
+        """
         banks = [self.bank(a) for a in adapters]
         needs_grad = torch.is_grad_enabled() and any(
             t.requires_grad for b in banks for t in (b.A, b.B, b.keys, b.shift))
         if needs_grad:
-            return pack_banks(banks)
+            return _pack(banks)
         signature = tuple(
-            (a, t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+            (a, t.data_ptr(), _version(t), t.dtype, t.device, tuple(t.shape))
             for a, b in zip(adapters, banks)
             for t in (b.keys, b.key_cluster, b.tau, b.A, b.B, b.rank_cluster, b.shift, b.center)
         ) + tuple(self.persedit_gate[a] for a in adapters)
         if self._packed_cache is None or self._packed_cache[0] != signature:
-            self._packed_cache = (signature, pack_banks(banks))
+            self._packed_cache = (signature, _pack(banks))
         return self._packed_cache[1]
 
     def _slots(self, x: torch.Tensor, adapter_names: list[str] | None) -> tuple[list[str], list[torch.Tensor]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -9,8 +11,9 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from .config import TARGET_MODULES_BY_MODEL_TYPE, PersonalizationEditConfig, default_layers
+from .config import TARGET_MODULES_BY_MODEL_TYPE, PersonalizationEditConfig, default_layers, saved_bank_sizes
 from .layer import BASE_ADAPTER, PersEditLayer, PersEditLinear
 
 
@@ -21,6 +24,28 @@ def num_hidden_layers(model_config: dict) -> int | None:
             return model_config[key]
     text_config = model_config.get("text_config")
     return num_hidden_layers(text_config) if isinstance(text_config, dict) else None
+
+
+_TUNER_TAGS = itertools.count()
+
+
+def _check_target_types(model: nn.Module, config: PersonalizationEditConfig) -> None:
+    """Name the first module matching explicit ``target_modules`` that is not ``nn.Linear``/``Conv1D``.
+
+    Checked before peft filters by layer, so that e.g. an embedding is reported as the wrong type rather than
+    as "not found in layers_to_transform".
+    """
+    targets = config.target_modules
+    if not isinstance(targets, (list, set, tuple)):
+        return  # default targets are projections; for a regex the layer constructor names a wrong type
+    for name, module in model.named_modules():
+        if any(name == t or name.endswith(f".{t}") for t in targets) and not isinstance(
+            module, (nn.Linear, Conv1D, BaseTunerLayer)
+        ):
+            raise TypeError(
+                f"cannot wrap {name!r}: PERSEDIT can only wrap nn.Linear or transformers Conv1D layers, got "
+                f"{type(module).__name__}; pick the MLP output projection with target_modules"
+            )
 
 
 def _adapter_names_pre_forward_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
@@ -65,21 +90,35 @@ class PersEditModel(BaseTuner):
         if isinstance(target, PersEditLayer):
             target.update_layer(adapter_name, persedit_config)
             return
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         try:
             new_module = PersEditLinear(target, adapter_name, config=persedit_config, current_key=current_key)
         except TypeError as err:
             raise TypeError(f"cannot wrap {current_key!r}: {err}") from None
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
-        del base
         self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """peft's injection, with a config of this adapter's own and target types checked first.
+
+        A config object already serving another adapter (of this or another model) is copied: its
+        ``bank_sizes`` track one adapter's live banks, which are then saved with it.
+        """
+        config = self.peft_config[adapter_name]
+        tag = self.__dict__.setdefault("_persedit_tag", next(_TUNER_TAGS))
+        shared = any(c is config for name, c in self.peft_config.items() if name != adapter_name)
+        if shared or getattr(config, "_persedit_owner", (tag, adapter_name)) != (tag, adapter_name):
+            config = self.peft_config[adapter_name] = copy.deepcopy(config)
+        config._persedit_owner = (tag, adapter_name)
+        config.bank_sizes = {key: list(sizes) for key, sizes in saved_bank_sizes(config).items()}
+        _check_target_types(model, config)
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
         for module in model.modules():
             if isinstance(module, PersEditLayer):
-                module.set_adapter(module.active_adapters, inference_mode=False)
+                module.freeze_untrainable()
 
     def edit_layers(self) -> dict[str, PersEditLinear]:
         """Module name → edit module, in model order."""
@@ -103,8 +142,8 @@ class PersEditModel(BaseTuner):
         if adapter_names is None:
             yield
             return
-        if self.training:
-            raise ValueError("adapter_names (mixed-adapter batches) cannot be used in training mode")
+        if self.model.training:  # (the wrapped model's mode: a new tuner module reports training=True)
+            raise ValueError("adapter_names (mixed-adapter batches) cannot be used in training mode; call .eval()")
         known = set(self.loaded_adapters())
         unknown = {p for name in adapter_names for p in name.split("+") if p != BASE_ADAPTER} - known
         if unknown:

@@ -49,4 +49,10 @@ def register() -> None:
 
     if PEFT_TYPE_TO_TUNER_MAPPING.get(PERSEDIT) is PersEditModel:
         return
+    if PERSEDIT in PEFT_TYPE_TO_TUNER_MAPPING:  # registered by an earlier (reloaded) copy of this package
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+        PEFT_TYPE_TO_CONFIG_MAPPING[PERSEDIT] = PersonalizationEditConfig
+        PEFT_TYPE_TO_TUNER_MAPPING[PERSEDIT] = PersEditModel
+        return
     register_peft_method(name=NAME, config_cls=PersonalizationEditConfig, model_cls=PersEditModel, prefix=PREFIX)

@@ -1,4 +1,4 @@
-"""Helpers for the tests: capture an edit layer's inputs, add a cluster keyed on a token."""
+"""Helpers for the tests: capture an edit layer's inputs and deltas, add clusters keyed on tokens or at random."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from peft import PeftModel
 
 from peft_persedit import PersEditLinear
 
+#: two rows of 7 token ids (tiny models have a vocabulary of 256)
+IDS = torch.tensor([[5, 17, 99, 42, 7, 81, 23], [9, 44, 3, 120, 66, 12, 200]])
+
 
 def edit_layers(pm: PeftModel) -> list[PersEditLinear]:
     return list(pm.base_model.edit_layers().values())
@@ -14,12 +17,23 @@ def edit_layers(pm: PeftModel) -> list[PersEditLinear]:
 
 def layer_input(pm: PeftModel, layer: PersEditLinear, ids: torch.Tensor) -> torch.Tensor:
     """The input x of ``layer`` for ``ids`` ([B, S, d_in])."""
+    return layer_io(pm, layer, ids)[0]
+
+
+def layer_io(pm: PeftModel, layer: PersEditLinear, ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, delta)`` of ``layer`` for ``ids``: its input and what the edits add to the base layer's output."""
     seen = {}
-    handle = layer.register_forward_pre_hook(lambda m, args: seen.update(x=args[0].detach().clone()))
-    with torch.no_grad():
-        pm(input_ids=ids)
-    handle.remove()
-    return seen["x"]
+    hooks = [
+        layer.register_forward_hook(lambda m, args, out: seen.update(x=args[0].detach(), out=out.detach())),
+        layer.base_layer.register_forward_hook(lambda m, args, out: seen.update(base=out.detach())),
+    ]
+    try:
+        with torch.no_grad():
+            pm(input_ids=ids, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen["x"], seen["out"] - seen["base"]
 
 
 def add_random_clusters(layer: PersEditLinear, adapter: str, n: int, rank: int = 2, keys_per: int = 2,
@@ -32,3 +46,22 @@ def add_random_clusters(layer: PersEditLinear, adapter: str, n: int, rank: int =
         key_cluster=torch.arange(n).repeat_interleave(keys_per), tau=torch.full((n,), tau),
         A=torch.randn(n * rank, d_in, generator=g) * scale, B=torch.randn(d_out, n * rank, generator=g) * scale,
         rank_cluster=torch.arange(n).repeat_interleave(rank), shift=torch.randn(n, d_out, generator=g) * 0.1 * scale)
+
+
+def add_keyed_cluster(layer: PersEditLinear, adapter: str, key: torch.Tensor, tau: float, rank: int = 1,
+                      seed: int = 0) -> None:
+    """One cluster with the single key ``key``, threshold ``tau`` and a random rank-``rank`` delta."""
+    g = torch.Generator().manual_seed(seed)
+    layer.add_clusters(
+        adapter, keys=key.detach().float()[None], key_cluster=torch.tensor([0]), tau=torch.tensor([tau]),
+        A=torch.randn(rank, layer.in_features, generator=g), B=torch.randn(layer.out_features, rank, generator=g),
+        rank_cluster=torch.zeros(rank, dtype=torch.long))
+
+
+def threshold_between(cos: torch.Tensor, min_above: int = 2, gap: float = 1e-3) -> float:
+    """A τ with at least ``min_above`` of ``cos`` above it, the rest below, and no value within ``gap``/2 of it."""
+    values = cos.flatten().float().sort(descending=True).values
+    for i in range(min_above - 1, values.numel() - 1):
+        if values[i] - values[i + 1] > gap:
+            return float((values[i] + values[i + 1]) / 2)
+    raise AssertionError(f"no gap in the cosines {values.tolist()}")
