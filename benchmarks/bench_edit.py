@@ -8,7 +8,10 @@ Prints and saves (``--out``, default benchmarks/results/edit):
   * the time of each pipeline stage, and the ratio of persedit's edit time per preference vs. the paper's
     sequential ROME-per-synonym (one ungated edit per synonym question, run on ``--rome-items`` items).
 
-    python benchmarks/bench_edit.py [--limit 100] [--rome-items 3]
+  * sequential safety: one user edited in 10 rounds of 10 (UPQA dev, distinct subjects); round-1 efficacy
+    after round 1 vs. after round 10.
+
+    python benchmarks/bench_edit.py [--limit 100] [--rome-items 3] [--rounds 10 --per-round 10]
 """
 
 from __future__ import annotations
@@ -78,10 +81,41 @@ def rome_per_synonym(pm, tokenizer, items: list[Preference], config: Personaliza
     return (time.perf_counter() - start) / len(items)
 
 
+def distinct_subject_items(limit: int) -> list[Preference]:
+    """UPQA-dev preferences with pairwise distinct subjects and questions (one user can hold them all)."""
+    chosen: dict[str, Preference] = {}
+    questions: set[str] = set()
+    for pref in load_preferences(dataset_path("upqa_dev")):
+        if pref.subject.lower() not in chosen and pref.question.lower() not in questions:
+            chosen[pref.subject.lower()] = pref
+            questions.add(pref.question.lower())
+    return list(chosen.values())[:limit]
+
+
+def sequential_rounds(pm, tokenizer, rounds: int, per_round: int) -> dict[str, float]:
+    """One user edited in ``rounds`` rounds of ``per_round``: round-1 efficacy right after round 1 and at the end."""
+    prefs = distinct_subject_items(rounds * per_round)
+    pm.add_adapter("seq", PersonalizationEditConfig())
+    editor = PersonalizationEditor(pm, tokenizer, adapter_name="seq", progress=False)
+    first = prefs[:per_round]
+    efficacy_after_round_1 = editor.edit(first).efficacy
+    for r in range(1, rounds):
+        editor.edit(prefs[r * per_round:(r + 1) * per_round], verify=False)
+    answers = answer_questions(pm, tokenizer, [p.question for p in first], ["seq"] * len(first))
+    final = sum(target_hit(a, p.target) for a, p in zip(answers, first)) / len(first)
+    all_answers = answer_questions(pm, tokenizer, [p.question for p in prefs], ["seq"] * len(prefs))
+    overall = sum(target_hit(a, p.target) for a, p in zip(all_answers, prefs)) / len(prefs)
+    pm.delete_adapter("seq")
+    return {"round1_efficacy_after_round1": efficacy_after_round_1, "round1_efficacy_after_all": final,
+            "efficacy_all_preferences": overall, "preferences": len(prefs)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--rome-items", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=10, help="sequential-safety rounds (of --per-round)")
+    parser.add_argument("--per-round", type=int, default=10)
     parser.add_argument("--out", default="benchmarks/results/edit")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -113,6 +147,8 @@ def main() -> None:
     for user in rome_users:
         pm.delete_adapter(user)
 
+    if args.rounds:
+        results["sequential"] = sequential_rounds(pm, tokenizer, args.rounds, args.per_round)
     per_pref_rome = rome_per_synonym(pm, tokenizer, cluster9, rome_cfg)
     per_pref_persedit = results["persedit_timings"]["total"] / len(prefs)
     results["seconds_per_preference"] = {"persedit_batched": per_pref_persedit, "rome_per_synonym": per_pref_rome}
