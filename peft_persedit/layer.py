@@ -252,35 +252,32 @@ class PersEditLayer(BaseTunerLayer):
             raise ValueError(f"adapter {adapter!r} has constant shifts but the base layer has no bias to merge into")
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.persedit_A]
         for adapter in adapter_names:
-            if adapter in self.persedit_A:
-                self._check_mergeable(adapter)
-        base = self.get_base_layer()
+            self._check_mergeable(adapter)
         for adapter in adapter_names:
-            if adapter not in self.persedit_A:
-                continue
-            weight = base.weight.data.float() + self.get_delta_weight(adapter)
-            if safe_merge and not torch.isfinite(weight).all():
-                raise ValueError(f"NaNs detected in the merged weights of adapter {adapter!r}")
-            base.weight.data = weight.to(base.weight.dtype)
-            if base.bias is not None:
-                base.bias.data = (base.bias.data.float() + self.persedit_shift[adapter].float().sum(0)).to(
-                    base.bias.dtype)
+            self._add_to_base(adapter, sign=1.0, safe=safe_merge)
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        base = self.get_base_layer()
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             if adapter in self.persedit_A:
-                base.weight.data = (base.weight.data.float() - self.get_delta_weight(adapter)).to(base.weight.dtype)
-                if base.bias is not None:
-                    base.bias.data = (base.bias.data.float() - self.persedit_shift[adapter].float().sum(0)).to(
-                        base.bias.dtype)
+                self._add_to_base(adapter, sign=-1.0)
+
+    def _add_to_base(self, adapter: str, sign: float, safe: bool = False) -> None:
+        """W ± ΔW and b ± Σ_c shift_c (computed in fp32)."""
+        base = self.get_base_layer()
+        weight = base.weight.data.float() + sign * self.get_delta_weight(adapter)
+        if safe and not torch.isfinite(weight).all():
+            raise ValueError(f"NaNs detected in the merged weights of adapter {adapter!r}")
+        base.weight.data = weight.to(base.weight.dtype)
+        if base.bias is not None:
+            bias = base.bias.data.float() + sign * self.persedit_shift[adapter].float().sum(0)
+            base.bias.data = bias.to(base.bias.dtype)
 
 
 def _version(t: torch.Tensor) -> int:
