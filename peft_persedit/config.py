@@ -75,7 +75,7 @@ class PersonalizationEditConfig(PeftConfig):
     key_token: Literal["subject_last", "prompt_last"] = field(
         default="subject_last", metadata={"help": "Token whose layer input is the key (ROME: subject_last)."}
     )
-    max_keys_per_cluster: int = field(default=8, metadata={"help": "k-means compresses a cluster to ≤ m keys."})
+    max_keys_per_cluster: int = field(default=16, metadata={"help": "k-means compresses a cluster to ≤ m keys."})
     value_steps: int = field(default=25, metadata={"help": "Adam steps optimizing v* (batched over preferences)."})
     value_lr: float = field(default=0.5, metadata={"help": "Learning rate of the v* optimization."})
     kl_weight: float = field(default=0.0625, metadata={"help": "Weight of the KL term on a neutral prompt."})

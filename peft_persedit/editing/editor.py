@@ -55,8 +55,10 @@ class PersonalizationEditor:
 
     @property
     def preferences(self) -> list[Preference]:
-        """The preferences the adapter holds (saved with it in ``adapter_config.json``)."""
-        return [Preference.from_dict(entry) for entry in self.config.preferences]
+        """The preferences the adapter holds (saved with it in ``adapter_config.json``; extra keys such as
+        ``kind`` are dropped)."""
+        fields = Preference.__dataclass_fields__
+        return [Preference.from_dict({k: v for k, v in e.items() if k in fields}) for e in self.config.preferences]
 
     def _ensure_adapter(self, adapter: str) -> None:
         if adapter not in self.model.peft_config:
@@ -65,13 +67,20 @@ class PersonalizationEditor:
             self.model.add_adapter(adapter, config)
 
     # ------------------------------------------------------------------------------------------ editing
-    def edit(self, preferences: Iterable[Preference], verify: bool = True) -> EditReport:
-        """Edit ``preferences`` into this editor's adapter; returns per-preference pre/post results."""
-        return self.edit_many([(self.adapter, p) for p in preferences], verify=verify)
+    def edit(self, preferences: Iterable[Preference], verify: bool = True, method: str = "rome",
+             **options) -> EditReport:
+        """Edit ``preferences`` into this editor's adapter; returns per-preference pre/post results.
 
-    def edit_users(self, users: dict[str, list[Preference]], verify: bool = True) -> EditReport:
+        ``method="representation"``: self-generated representation edits (:mod:`.representation`, whose
+        ``RepresentationOptions`` fields ``options`` may set) instead of the engine (``"rome"``).
+        """
+        return self.edit_many([(self.adapter, p) for p in preferences], verify=verify, method=method, **options)
+
+    def edit_users(self, users: dict[str, list[Preference]], verify: bool = True, method: str = "rome",
+                   **options) -> EditReport:
         """Edit each user's preferences into the adapter named after the user, all in one batched run."""
-        return self.edit_many([(user, p) for user, prefs in users.items() for p in prefs], verify=verify)
+        jobs = [(user, p) for user, prefs in users.items() for p in prefs]
+        return self.edit_many(jobs, verify=verify, method=method, **options)
 
     def forget(self, pref_id: str, adapter: str | None = None) -> None:
         """Remove one preference (its cluster in every layer); the others stay bit-identical."""
@@ -92,8 +101,15 @@ class PersonalizationEditor:
             self.forget(preference.id)
         return self.edit([preference], verify=verify)
 
-    def edit_many(self, jobs: list[Job], verify: bool = True) -> EditReport:
+    def edit_many(self, jobs: list[Job], verify: bool = True, method: str = "rome", **options) -> EditReport:
         """The pipeline for (adapter, preference) jobs, batched across all of them."""
+        if method == "representation":
+            from .representation import edit_representation
+
+            return edit_representation(self, jobs, verify=verify, **options)
+        if method != "rome" or options:
+            raise ValueError(f"unknown edit method {method!r} (choose 'rome' or 'representation') or options "
+                             f"{sorted(options)} (only method='representation' takes options)")
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -183,23 +199,31 @@ class PersonalizationEditor:
                     prompts.append(self._prompt(q, s, ctx, pref.id))
                     owner.append(i)
         owner_t = torch.tensor(owner)
-        other_tokens = [encode(self.tokenizer, chat_text(self.tokenizer, p.question)) for _, p in jobs]
+        # negatives: every token of each question + its answer, except subject tokens of the cluster's own questions
+        answered, subject_pos = [], []
+        for (_, pref), cluster in zip(jobs, members):
+            ids, index = self._prompt(pref.question, cluster[0][1], "", pref.id)
+            answered.append(ids + encode(self.tokenizer, pref.target))
+            subject_pos.append(index)
+        token_owner = torch.cat([torch.full((len(t),), j) for j, t in enumerate(answered)])
+        token_pos = torch.cat([torch.arange(len(t)) for t in answered])
+        is_subject = token_pos == torch.tensor(subject_pos)[token_owner]
         taus: list[float] = [0.0] * len(jobs)
         for name, module in modules.items():
             adapters = [a for a, _ in jobs]
             x = layer_inputs(self.model, [module], [p[0] for p in prompts], pad, [p[1] for p in prompts],
                              desc=f"keys {name}" if self.progress else None)[0]
-            negatives = layer_inputs(self.model, [module], other_tokens, pad)[0]
-            negative_owner = torch.cat([torch.full((len(t),), i) for i, t in enumerate(other_tokens)])
+            negatives = layer_inputs(self.model, [module], answered, pad)[0]
             lap("keys")
             center = stats[name].mean if stats is not None else torch.zeros(module.in_features)
             for adapter in set(adapters):
                 if module.num_keys(adapter) == 0:
                     module.set_center(adapter, center)
-            per_job_keys = []
+            per_job_keys = []  # per question: the inference-format key itself and its mean over contexts
             for i, (_, cluster) in enumerate(zip(jobs, members)):
                 rows = x[owner_t == i].reshape(len(cluster), len(contexts), -1)
-                per_job_keys.append(kmeans(rows.mean(1), self.config.max_keys_per_cluster))
+                keys = torch.cat([rows[:, 0], rows.mean(1)]) if len(contexts) > 1 else rows[:, 0]
+                per_job_keys.append(kmeans(keys, self.config.max_keys_per_cluster))
             c_inv = stats[name].inverse() if stats is not None else None
             A, B = solve_clusters(per_job_keys, deltas * share, c_inv, self.config.ridge)
             lap("solve")
@@ -208,12 +232,12 @@ class PersonalizationEditor:
             neutral = stats[name].samples if stats is not None else torch.zeros(0, module.in_features)
             neg_inputs = torch.cat([neutral, negatives])
             neg_scores = cluster_max_scores(neg_inputs, center, unit)
-            own_question = torch.zeros(neg_scores.shape, dtype=torch.bool)
+            own_subject = torch.zeros(neg_scores.shape, dtype=torch.bool)
             for i in range(len(jobs)):
-                same = [j for j, (_, other) in enumerate(jobs) if other.question in {q for q, _ in members[i]}]
-                for j in same:
-                    own_question[neutral.shape[0]:][negative_owner == j, i] = True
-            calibration = calibrate(positives, neg_scores, self.config.false_fire_rate, ~own_question)
+                questions = {q for q, _ in members[i]}
+                same = torch.tensor([other.question in questions for _, other in jobs])
+                own_subject[neutral.shape[0]:, i] = is_subject & same[token_owner]
+            calibration = calibrate(positives, neg_scores, self.config.false_fire_rate, ~own_subject)
             lap("gate")
             for i, (adapter, _) in enumerate(jobs):
                 module.add_clusters(
