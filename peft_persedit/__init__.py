@@ -30,4 +30,8 @@ def __getattr__(name: str):
         from . import default_model
 
         return getattr(default_model, name)
+    if name in ("group_users", "build_group_adapters", "load_group_adapters", "dpl_context"):
+        from . import groups
+
+        return getattr(groups, name)
     raise AttributeError(f"module 'peft_persedit' has no attribute {name!r}")

@@ -71,7 +71,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         config = PersonalizationEditConfig(layers_to_transform=args.layers, gate=args.gate)
         peft_model = get_peft_model(base, config)
     editor = PersonalizationEditor(peft_model, tokenizer)
-    report = editor.edit(prefs, verify=not args.no_verify)
+    options = {"gate": "always" if args.always_on else "keys"} if args.method == "representation" else {}
+    report = editor.edit(prefs, verify=not args.no_verify, method=args.method, **options)
     save_adapter(peft_model, out)
     report.save(str(out / "edit_report.json"))
     print(report)
@@ -123,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--layers", type=int, nargs="+", help="layer indices to edit (default: per architecture)")
     edit.add_argument("--gate", choices=["hard", "soft", "none"], default="hard", help="gate type (default hard)")
     edit.add_argument("--limit", type=int, help="only the first N preferences")
+    edit.add_argument("--method", choices=["rome", "representation"], default="rome",
+                      help="rome: the editing engine (default); representation: self-generated steering shifts")
+    edit.add_argument("--always-on", action="store_true", help="representation edits fire everywhere (τ = −∞)")
     edit.add_argument("--no-verify", action="store_true", help="skip generating answers before/after")
     edit.set_defaults(func=cmd_edit)
     ask = sub.add_parser("ask", help="generate answers with an adapter", epilog=EPILOG)
@@ -134,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="list an adapter's preferences, clusters and gate thresholds")
     show.add_argument("adapter", help="adapter directory")
     show.set_defaults(func=cmd_show)
+    from .cli_groups import add_group_commands
+
+    add_group_commands(sub)
     return parser
 
 
