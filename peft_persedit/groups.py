@@ -37,7 +37,7 @@ from .editing.chat import encode, pad_id
 from .editing.clusters import kmeans
 from .editing.report import EditReport
 from .editing.representation import Texts, span_means, statement
-from .preferences import Preference, PreferenceError, load_preferences
+from .preferences import Preference, PreferenceError, _read_items, load_preferences
 
 __all__ = ["GroupPlan", "build_group_adapters", "dpl_context", "group_users", "load_group_adapters", "load_users",
            "preference_embeddings", "save_group_adapters"]
@@ -80,12 +80,7 @@ class GroupPlan:
 def load_users(path: str | os.PathLike[str]) -> dict[str, list[Preference]]:
     """``{user: [preference items]}`` from a JSON file (items in any format :func:`load_preferences` reads)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PreferenceError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PreferenceError(f"{path.name}: cannot read users ({err})") from None
+    data = _read_items(path)[0]  # the preference loader's reader: its one-line errors name the file
     if not isinstance(data, dict) or not data:
         raise PreferenceError(f"{path.name}: expected a non-empty JSON object {{user: [preference items]}}")
     users = {}
