@@ -151,3 +151,12 @@ def test_real_model_three_preferences(smol):
 
     base = answer_questions(pm, tokenizer, [neutral], ["__base__"])
     assert answer_questions(pm, tokenizer, [neutral] * 3, [r.adapter for r in report.results]) == base * 3
+
+
+def test_synonym_keys_never_sit_inside_another_members_question():
+    pref = Preference("food preference", "What's my food preference?", "Granola")
+    assert cluster_members(pref, ["food", "diet"]) == [("What's my food preference?", "food preference"),
+                                                        ("What's my diet?", "diet")]
+    short = Preference("food", "What's my food?", "Granola")
+    assert cluster_members(short, ["food preference", "meal"]) == [("What's my food?", "food"),
+                                                                   ("What's my meal?", "meal")]

@@ -53,7 +53,25 @@ def cluster_members(pref: Preference, synonyms: list[str] | None = None) -> list
             if pattern.search(pref.question):
                 members.append((pattern.sub(word, pref.question), word))
     seen: set[str] = set()
-    return [m for m in members if not (m[0] in seen or seen.add(m[0]))]
+    unique = [m for m in members if not (m[0] in seen or seen.add(m[0]))]
+    kept = unique[:1]  # the preference's own question always stays
+    for member in unique[1:]:
+        if not any(_key_inside(member, k) or _key_inside(k, member) for k in kept):
+            kept.append(member)
+    return kept
+
+
+def _key_prefix(question: str, subject: str) -> str:
+    """The question's text up to and including the subject's last occurrence (what the key token sees)."""
+    end = question.lower().rfind(subject.lower())
+    return question[: end + len(subject)].lower() if end >= 0 else question.lower()
+
+
+def _key_inside(member: tuple[str, str], other: tuple[str, str]) -> bool:
+    """True when ``member``'s key token is an earlier, non-key token of ``other`` (same causal prefix, e.g.
+    the synonym "food" of "food preference"): such a key would fire inside the other question."""
+    mine, theirs = _key_prefix(*member), _key_prefix(*other)
+    return len(mine) < len(theirs) and theirs.startswith(mine)
 
 
 def kmeans(x: torch.Tensor, k: int, iterations: int = 20, seed: int = 0) -> torch.Tensor:
