@@ -1,0 +1,87 @@
+"""EvalConfig: what ``persedit eval`` / :func:`~peft_persedit.evaluation.evaluate` runs, and how cheaply."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+#: Every method the harness knows, in table order.
+METHODS = ("base", "ice", "lora", "rome", "persedit")
+#: single: every item is one user (one adapter each); grouped: ``group_size`` items with distinct attribute
+#: types and questions per user, in one adapter (interference).
+PROTOCOLS = ("single", "grouped")
+
+
+def parse_list(text: str | list | tuple, kind: type = str) -> list:
+    """``"a,b, c"`` → ``["a", "b", "c"]`` (``kind`` converts each entry); lists pass through converted."""
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    return [kind(p.strip()) if isinstance(p, str) else kind(p) for p in parts if str(p).strip()]
+
+
+@dataclass
+class EvalConfig:
+    """Settings of one evaluation run (see ``persedit eval --help``).
+
+    Args:
+        data: a preference file (UPQA flat/cluster9, PrefEval-pro, JSON/JSONL) or a dataset name of
+            :data:`~peft_persedit.data_paths.DATASETS`.
+        model: base model (local folder or Hub id); ``None`` = the embedded SmolLM2-135M-Instruct.
+        methods / protocols: subsets of :data:`METHODS` / :data:`PROTOCOLS`.
+        turns: distractor-turn counts N of the multi-turn metric (0 = the efficacy question alone).
+        limit: keep N items, taken round-robin over attribute types (every type is covered).
+        judge: local path / Hub id of a judge model ('1'/'0' answers); ``None`` = content-word overlap.
+        fillers: JSON list of ``{"conversation": [{"role", "content"}, ...]}`` used as distractor turns.
+        locality_users: users whose locality is measured (evenly spaced; 0 = all).
+        locality_prompts: neutral prompts in the locality set (the first ones: held out from calibration).
+        lora_steps / lora_lr / lora_rank: the LoRA baseline (transformers.Trainer, loss on answer tokens).
+    """
+
+    data: str | os.PathLike = "upqa_balanced100"
+    out: str | os.PathLike = "out/eval"
+    model: str | None = None
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
+    turns: list[int] = field(default_factory=lambda: [0, 2, 4, 6, 8, 10])
+    limit: int | None = None
+    judge: str | None = None
+    fillers: str | os.PathLike | None = None
+    group_size: int = 10
+    max_new_tokens: int = 24
+    batch_size: int = 32
+    locality_users: int = 10
+    locality_prompts: int = 50
+    lora_steps: int = 20
+    lora_lr: float = 1e-3
+    lora_rank: int = 8
+    device: str = "cpu"
+    plots: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.methods = parse_list(self.methods)
+        self.protocols = parse_list(self.protocols)
+        self.turns = sorted(set(parse_list(self.turns, int)))
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"unknown method(s) {unknown or '(none given)'}; choose from {', '.join(METHODS)}")
+        bad = [p for p in self.protocols if p not in PROTOCOLS]
+        if bad or not self.protocols:
+            raise ValueError(f"unknown protocol(s) {bad or '(none given)'}; choose from {', '.join(PROTOCOLS)}")
+        self.methods = [m for m in METHODS if m in self.methods]
+        if any(n < 0 for n in self.turns):
+            raise ValueError(f"turns must be ≥ 0, got {self.turns}")
+        for name in ("limit", "group_size", "max_new_tokens", "batch_size", "lora_steps", "lora_rank"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {value}")
+        if self.locality_users < 0 or self.locality_prompts < 0:
+            raise ValueError("locality_users and locality_prompts must be ≥ 0")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+    def to_dict(self) -> dict:
+        """JSON-safe settings (paths as strings)."""
+        return {k: (os.fspath(v) if isinstance(v, os.PathLike) else v) for k, v in asdict(self).items()}

@@ -1,0 +1,195 @@
+"""The UPQA evaluation harness: every method × protocol through the same prompts, chat template and scoring.
+
+For each method (a fresh copy of the base model each) and protocol: personalize all users (timed, peak
+memory, adapter bytes), generate every metric's question for every user in mixed batches (row i through
+its user's route), score, then check locality for a sample of users. Unpersonalized generations are cached
+by chat across methods (the base model's output does not depend on the method).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import replace
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data_paths import dataset_path
+from ..editing.selftext import HELD_OUT_PROMPTS
+from ..preferences import Preference, load_preferences
+from ..prompts import load_prompt_set
+from .config import EvalConfig
+from .distractors import Pair, history, load_fillers, model_distractors
+from .generation import BASE, Chat, Generation, generate_chats, greedy_unchanged, make_chat
+from .judge import JudgeItem, LLMJudge
+from .memory import PeakMemory
+from .methods import Method, build_method
+from .metrics import MULTITURN, QUESTION_METRICS, Record, summarize
+from .scoring import overlap, target_hit, word_match
+from .users import Users, grouped_users, round_robin, single_users, spread
+
+
+def other_questions(users: Users, user: str) -> list[str]:
+    """Distinct questions of other users about subjects (and with questions) ``user`` does not have."""
+    own = users[user]
+    subjects = {p.subject.lower() for p in own}
+    questions = {q.lower() for p in own for q in p.cluster_questions()}
+    found = [p.question for u, prefs in users.items() if u != user for p in prefs
+             if p.subject.lower() not in subjects and p.question.lower() not in questions]
+    return list(dict.fromkeys(found))
+
+
+class Harness:
+    """State shared across methods: data, users per protocol, distractor turns, the reference cache."""
+
+    def __init__(self, config: EvalConfig) -> None:
+        self.config = config
+        self.prefs: list[Preference] = round_robin(load_preferences(dataset_path(config.data)), config.limit)
+        self.pairs: list[Pair] | None = load_fillers(config.fillers) if config.fillers else None
+        self.protocols: dict[str, Users] = {}
+        for protocol in config.protocols:
+            users = single_users(self.prefs) if protocol == "single" else grouped_users(self.prefs, config.group_size)
+            if users:
+                self.protocols[protocol] = users
+        self.neutral = load_prompt_set("neutral_prompts")[: config.locality_prompts]
+        self.cache: dict[Chat, Generation] = {}  # unpersonalized generations, by chat
+        self.records: list[Record] = []
+        self.costs: list[dict] = []
+        self.timings: dict[str, dict[str, float]] = {}
+
+    # ---------------------------------------------------------------------------------------- generation
+    def _chat(self, method: Method, user: str | None, question: str, turns: int = 0) -> tuple[Chat, str | None]:
+        route = method.route(user)
+        return make_chat(question, route.system, history(self.pairs or [], turns)), route.adapter
+
+    def generate(self, method: Method, rows: list[tuple[str | None, str, int]], desc: str) -> list[Generation]:
+        """Greedy answers for (user, question, turns) rows; unpersonalized ones come from / go to the cache."""
+        requests = [self._chat(method, *row) for row in rows]
+        todo = [i for i, (chat, adapter) in enumerate(requests)
+                if adapter not in (None, BASE) or chat not in self.cache]
+        new = generate_chats(method.model, method.tokenizer, [requests[i][0] for i in todo],
+                             [requests[i][1] for i in todo] if method.routed else None,
+                             max_new_tokens=self.config.max_new_tokens, batch_size=self.config.batch_size,
+                             desc=desc if self.config.progress else None)
+        out: dict[int, Generation] = dict(zip(todo, new))
+        for i, (chat, adapter) in enumerate(requests):
+            if adapter in (None, BASE):
+                if i in out:
+                    self.cache.setdefault(chat, out[i])
+                out[i] = self.cache[chat]
+        return [out[i] for i in range(len(rows))]
+
+    # ------------------------------------------------------------------------------------------- metrics
+    def questions(self, method: Method, protocol: str, users: Users) -> None:
+        """Every question metric (and multi-turn efficacy in the single protocol) for every preference."""
+        rows, meta = [], []
+        multiturn = [n for n in self.config.turns if n > 0] if protocol == "single" else []
+        for user, prefs in users.items():
+            for pref in prefs:
+                for metric, attribute in QUESTION_METRICS.items():
+                    if getattr(pref, attribute):
+                        rows.append((user, getattr(pref, attribute), 0))
+                        meta.append((user, pref, metric))
+                for n in multiturn:
+                    rows.append((user, pref.question, n))
+                    meta.append((user, pref, MULTITURN))
+        answers = self.generate(method, rows, f"{method.name}/{protocol}: answers")
+        for (user, pref, metric), (_, question, turns), gen in zip(meta, rows, answers):
+            self.records.append(Record(
+                protocol, method.name, user, pref.id, metric, turns, question, pref.target, gen.text,
+                target_hit(gen.text, pref.target), overlap(gen.text, pref.target), word_match(gen.text, pref.target),
+                gen.seconds))
+
+    def locality(self, method: Method, protocol: str, users: Users) -> None:
+        """For sampled users: is each neutral prompt's / other question's greedy output unchanged?"""
+        sample = spread(list(users), self.config.locality_users)
+        probes = [(u, q, "locality_neutral") for u in sample for q in self.neutral]
+        probes += [(u, q, "locality_other") for u in sample for q in other_questions(users, u)]
+        if not probes:
+            return
+        reference = self.generate(method, [(None, q, 0) for _, q, _ in probes], f"{method.name}/{protocol}: reference")
+        requests = [self._chat(method, u, q) for u, q, _ in probes]
+        unchanged = greedy_unchanged(method.model, method.tokenizer, [c for c, _ in requests],
+                                     [g.ids for g in reference], [a for _, a in requests] if method.routed else None,
+                                     batch_size=self.config.batch_size,
+                                     desc=f"{method.name}/{protocol}: locality" if self.config.progress else None)
+        for (user, question, metric), ref, same in zip(probes, reference, unchanged):
+            self.records.append(Record(protocol, method.name, user, "", metric, 0, question, "", ref.text, same))
+
+    # ---------------------------------------------------------------------------------------------- run
+    def run_method(self, name: str, protocol: str, users: Users) -> None:
+        clock = {"load": time.perf_counter()}
+        method = build_method(name, self.config)
+        if self.pairs is None and any(n > 0 for n in self.config.turns):
+            self.pairs = model_distractors(method.model, method.tokenizer, batch_size=self.config.batch_size)
+        clock["personalize"] = time.perf_counter()
+        with PeakMemory() as memory:
+            method.personalize(users)
+        clock["questions"] = time.perf_counter()
+        self.questions(method, protocol, users)
+        clock["locality"] = time.perf_counter()
+        self.locality(method, protocol, users)
+        clock["end"] = time.perf_counter()
+        stages = list(clock)
+        self.timings[f"{name}/{protocol}"] = {s: round(clock[t] - clock[s], 3) for s, t in zip(stages, stages[1:])}
+        seconds = clock["questions"] - clock["personalize"]
+        n_prefs = sum(map(len, users.values()))
+        first = next(iter(users))
+        stored = method.adapter_bytes(first)
+        self.costs.append({
+            "protocol": protocol, "method": name, "users": len(users), "preferences": n_prefs,
+            "seconds": round(seconds, 3), "seconds_per_user": seconds / len(users),
+            "peak_rss_mb": round(memory.peak_mb, 1), "rss_delta_mb": round(memory.delta_mb, 1),
+            "adapter_bytes": stored, "adapter_bytes_per_preference": stored / len(users[first]), **method.info})
+        method.close()
+
+    def judge(self) -> None:
+        """Replace the overlap-based ``semantic`` column by an LLM judge's verdicts."""
+        scored = [r for r in self.records if r.metric in QUESTION_METRICS or r.metric == MULTITURN]
+        by_id = {p.id: p for p in self.prefs}
+        judge = LLMJudge(self.config.judge, self.config.device, progress=self.config.progress)
+        items = [JudgeItem("relevance" if r.metric == "product" else "match", r.question, r.target,
+                           by_id[r.item].subject, r.answer) for r in scored]
+        for record, verdict in zip(scored, judge.verdicts(items)):
+            record.semantic = verdict
+
+    def run(self) -> dict:
+        start = time.perf_counter()
+        jobs = [(m, p) for m in self.config.methods for p in self.protocols]
+        for name, protocol in tqdm(jobs, desc="methods", disable=not self.config.progress):
+            self.run_method(name, protocol, self.protocols[protocol])
+        if self.config.judge:
+            clock = time.perf_counter()
+            self.judge()
+            self.timings["judge"] = {"judge": round(time.perf_counter() - clock, 3)}
+        return {
+            "config": self.config.to_dict(),
+            "data": str(dataset_path(self.config.data)),
+            "items": len(self.prefs),
+            "users": {p: len(u) for p, u in self.protocols.items()},
+            "semantic_scorer": f"judge:{self.config.judge}" if self.config.judge else "word_overlap>=0.5",
+            "locality_prompts_held_out": min(len(self.neutral), HELD_OUT_PROMPTS),
+            "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine()},
+            "total_seconds": round(time.perf_counter() - start, 1),
+            "timings": self.timings,
+            "summary": summarize(self.records),
+            "cost": self.costs,
+            "records": [r.to_dict() for r in self.records],
+        }
+
+
+def evaluate(config: EvalConfig | None = None, **overrides) -> dict:
+    """Run the evaluation and write ``results.json``, ``results.md`` and plots to ``config.out``.
+
+    ``evaluate(data="upqa_balanced100", methods="base,persedit", limit=10, out="out/eval")`` — keyword
+    arguments are :class:`EvalConfig` fields (overriding ``config``'s). Returns the results dict.
+    """
+    from .report import write_results
+
+    config = replace(config, **overrides) if config is not None else EvalConfig(**overrides)
+    results = Harness(config).run()
+    write_results(results, config.out_dir, plots=config.plots)
+    return results

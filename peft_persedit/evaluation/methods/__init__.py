@@ -1,0 +1,19 @@
+"""The compared methods, by name: base, ice, lora, rome, persedit (one module each)."""
+
+from __future__ import annotations
+
+from ..config import EvalConfig
+from .ice import ICE
+from .lora import LoRA
+from .method import AdapterMethod, Method, Route
+from .persedit import PersEdit
+from .rome import ROME
+
+REGISTRY: dict[str, type[Method]] = {"base": Method, "ice": ICE, "lora": LoRA, "rome": ROME, "persedit": PersEdit}
+
+__all__ = ["ICE", "REGISTRY", "ROME", "AdapterMethod", "LoRA", "Method", "PersEdit", "Route", "build_method"]
+
+
+def build_method(name: str, config: EvalConfig) -> Method:
+    """A fresh method instance (loads its own copy of the base model)."""
+    return REGISTRY[name](config)

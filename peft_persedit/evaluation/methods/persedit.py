@@ -1,0 +1,23 @@
+"""persedit: gated, clustered edits — default :class:`PersonalizationEditConfig`, every user an adapter,
+all users edited in ONE :meth:`PersonalizationEditor.edit_users` call (batched values, per-cluster solves)."""
+
+from __future__ import annotations
+
+from peft import get_peft_model
+
+from ...config import PersonalizationEditConfig
+from ...editing import PersonalizationEditor
+from .method import AdapterMethod, Users
+
+
+class PersEdit(AdapterMethod):
+    name = "persedit"
+    edit_config: dict = {}  # PersonalizationEditConfig fields (subclasses change them)
+
+    def personalize(self, users: Users) -> None:
+        self.model = get_peft_model(self.model, PersonalizationEditConfig(**self.edit_config),
+                                    adapter_name="template").eval()
+        editor = PersonalizationEditor(self.model, self.tokenizer, adapter_name="template",
+                                       progress=self.config.progress)
+        report = editor.edit_users(users, verify=False)
+        self.info["stage_seconds"] = {k: round(v, 3) for k, v in report.timings.items()}

@@ -1,0 +1,79 @@
+"""The metrics: which question each asks, the per-row record, and the aggregation into a summary.
+
+Per method and protocol, over the users' preferences p:
+
+    efficacy        p.question                  exact = 1[target ⊂ answer],  semantic = judge or overlap ≥ ½
+    generalization  p.paraphrased_question      (same scores)
+    implicit        p.implicit_question         (same scores)
+    product         p.product_question          exact as above; semantic = judged relevance to the target
+    multiturn@N     p.question after N distractor turns (N = 0 is efficacy)
+    locality_neutral / locality_other           per user u: share of neutral prompts / of other users'
+                    questions (other subject and question) whose greedy output u's personalization leaves
+                    unchanged; averaged over the sampled users.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+QUESTION_METRICS: dict[str, str] = {
+    "efficacy": "question",
+    "generalization": "paraphrased_question",
+    "implicit": "implicit_question",
+    "product": "product_question",
+}
+LOCALITY_METRICS = ("locality_neutral", "locality_other")
+MULTITURN = "multiturn"
+
+
+@dataclass
+class Record:
+    """One evaluated row (one generation, or one locality check)."""
+
+    protocol: str
+    method: str
+    user: str
+    item: str  # preference id ("" for a neutral prompt)
+    metric: str
+    turns: int
+    question: str
+    target: str
+    answer: str  # the greedy answer (locality: the unpersonalized reference output)
+    exact: bool  # target substring (locality: output unchanged)
+    overlap: float | None = None  # content-word overlap with the target
+    semantic: bool | None = None  # judge verdict, else overlap ≥ ½ (None for locality)
+    seconds: float = 0.0  # share of its batch's wall time
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def summarize(records: list[Record]) -> list[dict]:
+    """Rows ``{protocol, method, metric, turns, n, exact, semantic}``; locality averaged per user first.
+
+    ``multiturn`` at N = 0 is filled from ``efficacy``.
+    """
+    groups: dict[tuple, list[Record]] = defaultdict(list)
+    for r in records:
+        groups[(r.protocol, r.method, r.metric, r.turns)].append(r)
+    rows = []
+    for (protocol, method, metric, turns), members in groups.items():
+        if metric in LOCALITY_METRICS:
+            per_user: dict[str, list[bool]] = defaultdict(list)
+            for r in members:
+                per_user[r.user].append(r.exact)
+            exact = _mean([_mean([float(x) for x in v]) for v in per_user.values()])
+            semantic = None
+        else:
+            exact = _mean([float(r.exact) for r in members])
+            semantic = _mean([float(r.semantic) for r in members if r.semantic is not None])
+        rows.append({"protocol": protocol, "method": method, "metric": metric, "turns": turns, "n": len(members),
+                     "exact": exact, "semantic": semantic})
+    rows += [{**row, "metric": MULTITURN, "turns": 0} for row in rows if row["metric"] == "efficacy"
+             and any(r["metric"] == MULTITURN and r["protocol"] == row["protocol"] for r in rows)]
+    return rows

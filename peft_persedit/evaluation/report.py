@@ -1,0 +1,92 @@
+"""Writing the results: ``results.json`` (everything), ``results.md`` (method × metric tables), plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from .config import METHODS
+from .metrics import LOCALITY_METRICS, MULTITURN, QUESTION_METRICS
+
+
+def _cell(exact: float | None, semantic: float | None = None) -> str:
+    def fmt(x: float | None) -> str:
+        return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+    return fmt(exact) if semantic is None else f"{fmt(exact)} / {fmt(semantic)}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _row(summary: dict, protocol: str, method: str, turns: list[int]) -> list[str]:
+    """The metric cells of one method's table row."""
+    def get(metric: str, n: int = 0) -> dict:
+        return summary.get((protocol, method, metric, n), {})
+
+    cells = [_cell(get(m).get("exact"), get(m).get("semantic")) for m in QUESTION_METRICS]
+    cells += [_cell(get(MULTITURN, n).get("exact")) for n in turns]
+    return cells + [_cell(get(m).get("exact")) for m in LOCALITY_METRICS]
+
+
+def tables(results: dict) -> str:
+    """Markdown: one table per protocol, rows = methods, columns = metrics (exact / semantic) and cost."""
+    summary = {(r["protocol"], r["method"], r["metric"], r["turns"]): r for r in results["summary"]}
+    cost = {(c["protocol"], c["method"]): c for c in results["cost"]}
+    turns = sorted({t for (_, _, m, t) in summary if m == MULTITURN and t > 0})
+    lines = []
+    for protocol, users in results["users"].items():
+        per_user = "1 preference per user" if protocol == "single" else "several preferences per user, one adapter"
+        lines += [f"### Protocol `{protocol}` ({users} users; {per_user})", ""]
+        head = [*QUESTION_METRICS, *(f"{MULTITURN}@{n}" for n in (turns if protocol == "single" else [])),
+                *LOCALITY_METRICS, "edit s/user", "peak RSS MB", "adapter B/pref"]
+        lines += ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+        for method in (m for m in METHODS if (protocol, m) in cost):
+            cells = _row(summary, protocol, method, turns if protocol == "single" else [])
+            c = cost[(protocol, method)]
+            cells += [f"{c['seconds_per_user']:.2f}", f"{c['peak_rss_mb']:.0f}",
+                      f"{c['adapter_bytes_per_preference']:.0f}"]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def markdown(results: dict) -> str:
+    config = results["config"]
+    scorer = results["semantic_scorer"]
+    return "\n".join([
+        "# UPQA evaluation", "",
+        f"data `{results['data']}` ({results['items']} items, limit {config['limit']}), model "
+        f"`{config['model'] or 'embedded SmolLM2-135M-Instruct'}`, turns {config['turns']}, "
+        f"max_new_tokens {config['max_new_tokens']}, LoRA {config['lora_steps']} steps lr {config['lora_lr']} "
+        f"rank {config['lora_rank']}; total {results['total_seconds']:.0f} s "
+        f"({results['environment']['threads']} torch threads).", "",
+        f"Cells: exact (target substring) / semantic ({scorer}). Locality: share of greedy outputs unchanged "
+        f"(the first {config['locality_prompts']} neutral prompts, {results['locality_prompts_held_out']} of them "
+        f"held out from gate calibration; other users' questions about other attributes), averaged over "
+        f"{config['locality_users'] or 'all'} sampled users. multiturn@N: efficacy after N distractor turns. "
+        "edit s/user: personalization wall time / users; peak RSS during it; adapter bytes on disk per preference "
+        "(ICE: prompt bytes).", "",
+        tables(results),
+    ])
+
+
+def write_results(results: dict, out: str | os.PathLike, plots: bool = True) -> list[Path]:
+    """``results.json``, ``results.md`` and (``plots``) the PNGs in ``out``; returns the paths written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.json", out / "results.md"]
+    _write_atomic(paths[0], json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    _write_atomic(paths[1], markdown(results) + "\n")
+    if plots:
+        from .plots import plot_results
+
+        paths += plot_results(results, out)
+    return paths
