@@ -122,19 +122,27 @@ def main() -> None:
     model, tokenizer = load_default_model()
     prefs = load_preferences(dataset_path("upqa_balanced100"))[: args.limit]
     cluster9 = load_preferences(dataset_path("upqa_balanced100_cluster9"))[: args.rome_items]
-    results: dict = {"limit": args.limit}
+    results: dict = {"limit": args.limit, "command": "python benchmarks/bench_edit.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every section, so a long run leaves what it measured so far
+        (out / "results.json").write_text(json.dumps(results, indent=2))
 
     pm = get_peft_model(model, PersonalizationEditConfig(), adapter_name="default").eval()
     base_adapters = ["__base__"] * len(prefs)
     results["no_edit"] = accuracy(pm, tokenizer, prefs, base_adapters)
     users, results["persedit_timings"] = edit_all(pm, tokenizer, prefs, "u", "default")
     results["persedit"] = accuracy(pm, tokenizer, prefs, users)
+    save()
 
     neutral = load_prompt_set("neutral_prompts")[:50]
     union_adapter(pm, users, "all")
     base_out = answer_questions(pm, tokenizer, neutral, ["__base__"] * len(neutral))
     all_out = answer_questions(pm, tokenizer, neutral, ["all"] * len(neutral))
     results["locality_all_in_one"] = sum(a == b for a, b in zip(base_out, all_out)) / len(neutral)
+    save()
     for user in users:
         pm.delete_adapter(user)
 
@@ -144,19 +152,19 @@ def main() -> None:
     results["rome_ungated"] = accuracy(pm, tokenizer, prefs, rome_users)
     rome_all = answer_questions(pm, tokenizer, neutral, rome_users[:1] * len(neutral))
     results["rome_locality_one_edit"] = sum(a == b for a, b in zip(base_out, rome_all)) / len(neutral)
+    save()
     for user in rome_users:
         pm.delete_adapter(user)
 
     if args.rounds:
         results["sequential"] = sequential_rounds(pm, tokenizer, args.rounds, args.per_round)
+        save()
     per_pref_rome = rome_per_synonym(pm, tokenizer, cluster9, rome_cfg)
     per_pref_persedit = results["persedit_timings"]["total"] / len(prefs)
     results["seconds_per_preference"] = {"persedit_batched": per_pref_persedit, "rome_per_synonym": per_pref_rome}
     results["speedup_vs_rome_per_synonym"] = per_pref_rome / per_pref_persedit
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    save()
     print(json.dumps(results, indent=2))
 
 
