@@ -64,7 +64,7 @@ class RepresentationOptions:
     own_questions: int = 3
     rank: int = 1
     subtract_neutral: bool = False
-    alphas: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
+    alphas: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
     max_new_tokens: int = 40
     system_template: str = SYSTEM_TEMPLATE
     batch_size: int = 16
