@@ -135,6 +135,17 @@ def test_edit_save_load_batch_and_forget(tokenizer, tmp_path):
         alice.edit([PREFS[2]], method="steer")
 
 
+def test_new_adapter_from_a_loaded_template_starts_empty(tokenizer, tmp_path):
+    pm = tiny_pm(layers=(1,))
+    PersonalizationEditor(pm, tokenizer, progress=False).edit(PREFS[:2], verify=False, method="representation",
+                                                              gate="always", **FAST)
+    pm.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_tiny_model("llama"), tmp_path)
+    editor = PersonalizationEditor(loaded, tokenizer, progress=False)
+    editor.edit_users({"new": PREFS[2:]}, verify=False, method="representation", gate="always", **FAST)
+    assert edit_layers(loaded)[0].num_clusters("new") == 1 == len(loaded.peft_config["new"].preferences)
+
+
 def test_keyed_edit_fires_at_the_subject_token(tokenizer):
     pm = tiny_pm(layers=(1,))
     editor = PersonalizationEditor(pm, tokenizer, progress=False)

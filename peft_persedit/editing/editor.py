@@ -63,7 +63,8 @@ class PersonalizationEditor:
     def _ensure_adapter(self, adapter: str) -> None:
         if adapter not in self.model.peft_config:
             config = copy.deepcopy(self.config)
-            config.preferences = []
+            config.preferences, config.bank_sizes = [], {}
+            config._saved_bank_sizes = {}  # a loaded template's bank sizes must not size the new, empty bank
             self.model.add_adapter(adapter, config)
 
     # ------------------------------------------------------------------------------------------ editing
