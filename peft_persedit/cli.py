@@ -130,7 +130,7 @@ def _add_eval_parser(sub) -> None:
     from .evaluation.config import METHODS, PROTOCOLS, EvalConfig
 
     d = EvalConfig()
-    ev = sub.add_parser("eval", help="compare base, ICE, LoRA, ROME and persedit on UPQA-style data",
+    ev = sub.add_parser("eval", help="compare base, ICE, LoRA, ROME, persedit, representation, DPL on UPQA data",
                         epilog=f"{EPILOG} Writes OUT/results.json, results.md, accuracy.png and multiturn.png.")
     ev.add_argument("--data", required=True, help="preference file (UPQA/PrefEval JSON or JSONL) or a dataset name "
                     "(upqa_balanced100, upqa_dev, ...)")

@@ -285,7 +285,8 @@ def dpl_context(user: str, users_prefs: dict[str, list[Preference]], plan: Group
     parts = [
         ("Like most similar users, this user says:", [p for p in own if p.id in typical]),
         ("What makes this user different from similar users:", [p for p in own if p.id not in typical]),
-        ("Unlike most similar users, this user never said:", [pool[i] for i in typical if i not in held]),
+        ("Unlike most similar users, this user never said:",
+         [p for i, p in pool.items() if i in typical and i not in held]),  # first-seen order, not set order
     ]
     lines = ["You are talking to a user. Compared with similar users:"]
     for head, prefs in parts:

@@ -138,10 +138,13 @@ def test_eval_every_method_and_protocol_on_a_tiny_model(tiny_dir, tmp_path, caps
     data, fillers, out = write(tmp_path / "d.json", ITEMS), write(tmp_path / "f.json", FILLERS), tmp_path / "ev"
     code = main(["eval", "--data", data, "--model", str(tiny_dir), "--out", str(out), "--turns", "0,1,3",
                  "--fillers", fillers, "--group-size", "2", "--max-new-tokens", "4", "--locality-prompts", "3",
-                 "--locality-users", "2", "--lora-steps", "2"])
+                 "--locality-users", "2", "--lora-steps", "2", "--judge", str(tiny_dir)])
     assert code == 0 and "### Protocol `grouped`" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert results["users"] == {"single": 4, "grouped": 2} and results["items"] == 4
+    assert results["semantic_scorer"] == f"judge:{tiny_dir}" and "judge" in results["timings"]
+    judged = [r for r in results["records"] if not r["metric"].startswith("locality")]
+    assert judged and all(isinstance(r["semantic"], bool) for r in judged)
     assert {(c["protocol"], c["method"]) for c in results["cost"]} == {
         (p, m) for p in ("single", "grouped") for m in ("base", "ice", "lora", "rome", "persedit")}
     metrics = {(r["protocol"], r["metric"], r["turns"]) for r in results["summary"]}
@@ -156,6 +159,35 @@ def test_eval_every_method_and_protocol_on_a_tiny_model(tiny_dir, tmp_path, caps
     assert {"answer", "exact", "overlap", "semantic", "seconds", "question", "target"} <= set(record)
     assert (out / "results.md").read_text().startswith("# UPQA evaluation")
     assert (out / "accuracy.png").stat().st_size > 1000 and (out / "multiturn.png").stat().st_size > 1000
+
+
+def test_eval_representation_and_dpl_methods_on_a_tiny_model(tiny_dir, tmp_path):
+    out = tmp_path / "ev"
+    code = main(["eval", "--data", write(tmp_path / "d.json", ITEMS), "--model", str(tiny_dir), "--out", str(out),
+                 "--methods", "dpl,representation", "--protocols", "grouped", "--turns", "0", "--group-size", "2",
+                 "--max-new-tokens", "3", "--locality-prompts", "2", "--locality-users", "1", "--no-plots"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [c["method"] for c in results["cost"]] == ["representation", "dpl"]  # table order
+    dpl = next(c for c in results["cost"] if c["method"] == "dpl")
+    assert dpl["groups"] == 1 and dpl["adapter_bytes"] > 0
+    representation = next(c for c in results["cost"] if c["method"] == "representation")
+    assert representation["adapter_bytes"] > 0 and "generate" in representation["stage_seconds"]
+    efficacy = {r["method"] for r in results["summary"] if r["metric"] == "efficacy"}
+    assert efficacy == {"representation", "dpl"}
+
+
+def test_dpl_system_prompt_says_what_the_user_shares_and_what_differs(tiny_dir):
+    from peft_persedit.evaluation.methods import DPL
+
+    method = DPL(EvalConfig(model=str(tiny_dir), progress=False))
+    shared = [Preference("pet", "What's my pet?", "A turtle"), Preference("city", "Where?", "Oslo", id="c")]
+    users = {f"u{i}": shared + [Preference("hobby", "What's my hobby?", f"H{i}")] for i in range(3)}
+    method.personalize(users)
+    system = method.route("u0").system
+    assert system.startswith("You are a helpful AI assistant. ") and "My pet is A turtle." in system
+    assert system.index("My pet is A turtle.") < system.index("different") < system.index("My hobby is H0.")
+    assert method.route(None).system == "You are a helpful AI assistant."
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 #: Every method the harness knows, in table order.
-METHODS = ("base", "ice", "lora", "rome", "persedit")
+METHODS = ("base", "ice", "lora", "rome", "persedit", "representation", "dpl")
+#: What a run compares unless told otherwise (representation edits self-generate text: ~50 s per preference).
+DEFAULT_METHODS = ("base", "ice", "lora", "rome", "persedit")
 #: single: every item is one user (one adapter each); grouped: ``group_size`` items with distinct attribute
 #: types and questions per user, in one adapter (interference).
 PROTOCOLS = ("single", "grouped")
@@ -27,7 +29,7 @@ class EvalConfig:
         data: a preference file (UPQA flat/cluster9, PrefEval-pro, JSON/JSONL) or a dataset name of
             :data:`~peft_persedit.data_paths.DATASETS`.
         model: base model (local folder or Hub id); ``None`` = the embedded SmolLM2-135M-Instruct.
-        methods / protocols: subsets of :data:`METHODS` / :data:`PROTOCOLS`.
+        methods / protocols: subsets of :data:`METHODS` (default :data:`DEFAULT_METHODS`) / :data:`PROTOCOLS`.
         turns: distractor-turn counts N of the multi-turn metric (0 = the efficacy question alone).
         limit: keep N items, taken round-robin over attribute types (every type is covered).
         judge: local path / Hub id of a judge model ('1'/'0' answers); ``None`` = content-word overlap.
@@ -40,7 +42,7 @@ class EvalConfig:
     data: str | os.PathLike = "upqa_balanced100"
     out: str | os.PathLike = "out/eval"
     model: str | None = None
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
     turns: list[int] = field(default_factory=lambda: [0, 2, 4, 6, 8, 10])
     limit: int | None = None

@@ -57,7 +57,8 @@ class Harness:
         self.cache: dict[Chat, Generation] = {}  # unpersonalized generations, by chat
         self.records: list[Record] = []
         self.costs: list[dict] = []
-        self.timings: dict[str, dict[str, float]] = {}
+        self.timings: dict[str, dict[str, float]] = {}  # job → stage → wall seconds
+        self.cpu: dict[str, dict[str, float]] = {}  # job → stage → process CPU seconds (all threads)
 
     # ---------------------------------------------------------------------------------------- generation
     def _chat(self, method: Method, user: str | None, question: str, turns: int = 0) -> tuple[Chat, str | None]:
@@ -120,27 +121,34 @@ class Harness:
 
     # ---------------------------------------------------------------------------------------------- run
     def run_method(self, name: str, protocol: str, users: Users) -> None:
-        clock = {"load": time.perf_counter()}
+        clock: dict[str, tuple[float, float]] = {}  # stage → (wall, process CPU) at its start
+
+        def mark(stage: str) -> None:
+            clock[stage] = (time.perf_counter(), time.process_time())
+
+        mark("load")
         method = build_method(name, self.config)
         if self.pairs is None and any(n > 0 for n in self.config.turns):
             self.pairs = model_distractors(method.model, method.tokenizer, batch_size=self.config.batch_size)
-        clock["personalize"] = time.perf_counter()
+        mark("personalize")
         with PeakMemory() as memory:
             method.personalize(users)
-        clock["questions"] = time.perf_counter()
+        mark("questions")
         self.questions(method, protocol, users)
-        clock["locality"] = time.perf_counter()
+        mark("locality")
         self.locality(method, protocol, users)
-        clock["end"] = time.perf_counter()
+        mark("end")
         stages = list(clock)
-        self.timings[f"{name}/{protocol}"] = {s: round(clock[t] - clock[s], 3) for s, t in zip(stages, stages[1:])}
-        seconds = clock["questions"] - clock["personalize"]
-        n_prefs = sum(map(len, users.values()))
+        for kind, store in ((0, self.timings), (1, self.cpu)):
+            store[f"{name}/{protocol}"] = {s: round(clock[t][kind] - clock[s][kind], 3)
+                                           for s, t in zip(stages, stages[1:])}
+        seconds = clock["questions"][0] - clock["personalize"][0]
         first = next(iter(users))
         stored = method.adapter_bytes(first)
         self.costs.append({
-            "protocol": protocol, "method": name, "users": len(users), "preferences": n_prefs,
+            "protocol": protocol, "method": name, "users": len(users), "preferences": sum(map(len, users.values())),
             "seconds": round(seconds, 3), "seconds_per_user": seconds / len(users),
+            "cpu_seconds": self.cpu[f"{name}/{protocol}"]["personalize"],
             "peak_rss_mb": round(memory.peak_mb, 1), "rss_delta_mb": round(memory.delta_mb, 1),
             "adapter_bytes": stored, "adapter_bytes_per_preference": stored / len(users[first]), **method.info})
         method.close()
@@ -156,7 +164,7 @@ class Harness:
             record.semantic = verdict
 
     def run(self) -> dict:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         jobs = [(m, p) for m in self.config.methods for p in self.protocols]
         for name, protocol in tqdm(jobs, desc="methods", disable=not self.config.progress):
             self.run_method(name, protocol, self.protocols[protocol])
@@ -174,7 +182,9 @@ class Harness:
             "environment": {"python": platform.python_version(), "torch": torch.__version__,
                             "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine()},
             "total_seconds": round(time.perf_counter() - start, 1),
+            "total_cpu_seconds": round(time.process_time() - cpu, 1),
             "timings": self.timings,
+            "cpu_seconds": self.cpu,
             "summary": summarize(self.records),
             "cost": self.costs,
             "records": [r.to_dict() for r in self.records],

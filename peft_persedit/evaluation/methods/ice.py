@@ -8,15 +8,11 @@ first sentence only, so locality measures what the preference text changes, not 
 
 from __future__ import annotations
 
+from ...editing.representation import statement
 from ...preferences import Preference
 from .method import Method, Route, Users
 
 ICE_HEADER = "You are a helpful AI assistant."
-
-
-def statement(pref: Preference) -> str:
-    """What the user said: the preference's own text, else a sentence built from subject and target."""
-    return pref.text or f"My {pref.subject} is {pref.target}."
 
 
 def ice_system(prefs: list[Preference]) -> str:

@@ -18,6 +18,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
 
 from ...editing.chat import chat_text, encode, pad_batch, pad_id
 from ...preferences import Preference
@@ -76,6 +77,7 @@ class LoRA(AdapterMethod):
                 data = answer_examples(self.tokenizer, prefs)
                 trainer = Trainer(model=self.model, args=self.training_args(folder, len(data)), train_dataset=data,
                                   data_collator=collator)
+                trainer.remove_callback(PrinterCallback)  # no log dict per user (the bar shows progress)
                 start = time.perf_counter()
                 out = trainer.train()
                 seconds.append(time.perf_counter() - start)

@@ -13,11 +13,12 @@ from .method import AdapterMethod, Users
 class PersEdit(AdapterMethod):
     name = "persedit"
     edit_config: dict = {}  # PersonalizationEditConfig fields (subclasses change them)
+    edit_method = "rome"  # PersonalizationEditor.edit_users(method=...)
 
     def personalize(self, users: Users) -> None:
         self.model = get_peft_model(self.model, PersonalizationEditConfig(**self.edit_config),
                                     adapter_name="template").eval()
         editor = PersonalizationEditor(self.model, self.tokenizer, adapter_name="template",
                                        progress=self.config.progress)
-        report = editor.edit_users(users, verify=False)
+        report = editor.edit_users(users, verify=False, method=self.edit_method)
         self.info["stage_seconds"] = {k: round(v, 3) for k, v in report.timings.items()}
