@@ -120,6 +120,15 @@ class PersEditModel(BaseTuner):
             if isinstance(module, PersEditLayer):
                 module.freeze_untrainable()
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """The wrapped model's gradient checkpointing; with reentrant checkpointing (transformers 4's default)
+        the input embeddings' output is made to require grad, as transformers does for its own peft
+        integration, else no gradient would reach the adapter tensors inside checkpointed blocks."""
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+        if (gradient_checkpointing_kwargs or {}).get("use_reentrant", True) and hasattr(
+                self.model, "enable_input_require_grads"):
+            self.model.enable_input_require_grads()
+
     def edit_layers(self) -> dict[str, PersEditLinear]:
         """Module name → edit module, in model order."""
         return {name: m for name, m in self.model.named_modules() if isinstance(m, PersEditLinear)}

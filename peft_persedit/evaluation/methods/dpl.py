@@ -17,7 +17,6 @@ from ...groups import dpl_context, group_users
 from .ice import ICE, ICE_HEADER
 from .method import Users
 
-
 USERS_PER_GROUP = 10
 
 
