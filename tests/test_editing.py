@@ -10,10 +10,10 @@ from tiny_models import make_tiny_model
 
 from peft_persedit import PersonalizationEditConfig
 from peft_persedit.editing import PersonalizationEditor
-from peft_persedit.editing.capture import layer_inputs
 from peft_persedit.editing.chat import SubjectNotFoundError, chat_text, encode, subject_token_index
 from peft_persedit.editing.clusters import cluster_members, kmeans, parse_synonyms
 from peft_persedit.editing.gate import calibrate, cluster_max_scores
+from peft_persedit.editing.keys import layer_inputs
 from peft_persedit.editing.solve import solve_clusters
 from peft_persedit.preferences import Preference
 
@@ -52,6 +52,27 @@ def test_layer_inputs_match_a_forward_hook(tokenizer):
     assert torch.allclose(got[0], seen[0][4], atol=1e-6)
     every = layer_inputs(pm, [layer], seqs, pad=2)[0]
     assert every.shape[0] == sum(len(s) for s in seqs)
+
+
+def test_value_chunk_subset_scores_its_rows_as_the_full_chunk_does(tokenizer):
+    from peft_persedit.editing.values import ValueRequest, _Chunk, _rows
+
+    pm = tiny_pm()
+    requests = []
+    for pref in PREFS:
+        text = chat_text(tokenizer, pref.question)
+        prompt = (encode(tokenizer, text), subject_token_index(tokenizer, text, pref.question, pref.subject))
+        requests.append(ValueRequest([prompt], encode(tokenizer, pref.target), (encode(tokenizer, "pet is a"), 0)))
+    rows = _rows(requests)
+    chunk = _Chunk(pm, rows, list(range(len(rows))), 2, None, torch.device("cpu"))
+    with torch.no_grad():
+        full = chunk.log_probs(pm)
+        keep = torch.tensor([r.owner != 1 for r in chunk.rows])
+        part = chunk.subset(keep)
+        kept_positions = keep[chunk.flat_rows]
+        assert [r.owner for r in part.rows] == [0, 0, 2, 2] and part.cache is not chunk.cache
+        torch.testing.assert_close(part.log_probs(pm), full[kept_positions], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(chunk.log_probs(pm), full)  # the full chunk's prefix cache is untouched
 
 
 def test_solve_maps_every_key_to_its_residual():

@@ -16,9 +16,11 @@ from transformers import PreTrainedTokenizerBase
 
 from ..layer import PersEditLinear
 from ..preferences import Preference
+from .apply import add_preference_clusters, set_missing_centers
 from .chat import chat_text, encode, pad_id, subject_token_index
-from .clusters import cluster_members, kmeans, model_synonyms
-from .gate import calibrate, cluster_max_scores
+from .clusters import cluster_members, model_synonyms
+from .gate import calibrate, cluster_max_scores, own_subject_mask
+from .keys import cluster_keys, layer_inputs
 from .report import EditReport, PreferenceResult
 from .selftext import context_prefixes
 from .solve import solve_clusters
@@ -187,12 +189,11 @@ class PersonalizationEditor:
 
     def _apply(self, jobs: list[Job], members: list[list[tuple[str, str]]], contexts: list[str],
                deltas: torch.Tensor, stats, lap) -> list[float]:
-        """Per layer in order (later keys see earlier edits): keys → solve → gate → add clusters."""
-        from .capture import layer_inputs
-
+        """Per layer in order (later keys see earlier edits): keys → solve → gate → apply."""
         modules = self.modules
         share = 1.0 / len(modules)
         pad = pad_id(self.tokenizer)
+        adapters = [a for a, _ in jobs]
         prompts, owner = [], []
         for i, ((_, pref), cluster) in enumerate(zip(jobs, members)):
             for q, s in cluster:
@@ -209,42 +210,29 @@ class PersonalizationEditor:
         token_owner = torch.cat([torch.full((len(t),), j) for j, t in enumerate(answered)])
         token_pos = torch.cat([torch.arange(len(t)) for t in answered])
         is_subject = token_pos == torch.tensor(subject_pos)[token_owner]
+        same_question = torch.tensor([[other.question in {q for q, _ in cluster} for cluster in members]
+                                      for _, other in jobs], dtype=torch.bool)  # [P, C]
         taus: list[float] = [0.0] * len(jobs)
         for name, module in modules.items():
-            adapters = [a for a, _ in jobs]
             x = layer_inputs(self.model, [module], [p[0] for p in prompts], pad, [p[1] for p in prompts],
                              desc=f"keys {name}" if self.progress else None)[0]
             negatives = layer_inputs(self.model, [module], answered, pad)[0]
+            keys = cluster_keys(x, owner_t, [len(c) for c in members], len(contexts), self.config.max_keys_per_cluster)
             lap("keys")
             center = stats[name].mean if stats is not None else torch.zeros(module.in_features)
-            for adapter in set(adapters):
-                if module.num_keys(adapter) == 0:
-                    module.set_center(adapter, center)
-            per_job_keys = []  # per question: the inference-format key itself and its mean over contexts
-            for i, (_, cluster) in enumerate(zip(jobs, members)):
-                rows = x[owner_t == i].reshape(len(cluster), len(contexts), -1)
-                keys = torch.cat([rows[:, 0], rows.mean(1)]) if len(contexts) > 1 else rows[:, 0]
-                per_job_keys.append(kmeans(keys, self.config.max_keys_per_cluster))
+            set_missing_centers(module, adapters, center)
             c_inv = stats[name].inverse() if stats is not None else None
-            A, B = solve_clusters(per_job_keys, deltas * share, c_inv, self.config.ridge)
+            A, B = solve_clusters(keys, deltas * share, c_inv, self.config.ridge)
             lap("solve")
-            unit = [torch.nn.functional.normalize(k - center, dim=-1) for k in per_job_keys]
+            unit = [torch.nn.functional.normalize(k - center, dim=-1) for k in keys]
             positives = [cluster_max_scores(x[owner_t == i], center, [unit[i]])[:, 0] for i in range(len(jobs))]
             neutral = stats[name].samples if stats is not None else torch.zeros(0, module.in_features)
-            neg_inputs = torch.cat([neutral, negatives])
-            neg_scores = cluster_max_scores(neg_inputs, center, unit)
-            own_subject = torch.zeros(neg_scores.shape, dtype=torch.bool)
-            for i in range(len(jobs)):
-                questions = {q for q, _ in members[i]}
-                same = torch.tensor([other.question in questions for _, other in jobs])
-                own_subject[neutral.shape[0]:, i] = is_subject & same[token_owner]
-            calibration = calibrate(positives, neg_scores, self.config.false_fire_rate, ~own_subject)
+            neg_scores = cluster_max_scores(torch.cat([neutral, negatives]), center, unit)
+            usable = own_subject_mask(neutral.shape[0], token_owner, is_subject, same_question)
+            calibration = calibrate(positives, neg_scores, self.config.false_fire_rate, usable)
             lap("gate")
-            for i, (adapter, _) in enumerate(jobs):
-                module.add_clusters(
-                    adapter, keys=per_job_keys[i], key_cluster=torch.zeros(per_job_keys[i].shape[0], dtype=torch.long),
-                    tau=calibration.tau[i:i + 1], A=A[i], B=B[i], rank_cluster=torch.zeros(1, dtype=torch.long))
-                taus[i] = float(calibration.tau[i])
+            add_preference_clusters(module, adapters, keys, calibration.tau, A, B)
+            taus = calibration.tau.tolist()
             lap("apply")
         for adapter, pref in jobs:
             self.model.peft_config[adapter].preferences.append(pref.to_dict())

@@ -50,3 +50,12 @@ def calibrate(positive_scores: list[torch.Tensor], negative_scores: torch.Tensor
         fires.append((neg >= tau).float().mean() if neg.numel() else torch.tensor(0.0))
     stack = lambda xs: torch.stack(xs) if xs else torch.zeros(0)  # noqa: E731
     return GateCalibration(stack(taus), stack(pos_mins), stack(neg_highs), stack(fires))
+
+
+def own_subject_mask(n_neutral: int, token_owner: torch.Tensor, is_subject: torch.Tensor,
+                     same_question: torch.Tensor) -> torch.Tensor:
+    """[n_neutral + T, C] negatives usable by cluster c: all neutral rows, and every question-and-answer token
+    except the subject tokens of questions that belong to c's own cluster (``same_question`` [P, C]: preference
+    p's question is one of c's cluster questions; token t belongs to preference ``token_owner[t]``)."""
+    own = is_subject[:, None] & same_question[token_owner]
+    return torch.cat([torch.ones(n_neutral, same_question.shape[1], dtype=torch.bool), ~own])

@@ -37,10 +37,10 @@ from torch import nn
 
 from ..preferences import Preference
 from ..prompts import load_prompt_set
-from .capture import layer_inputs
 from .chat import chat_text, encode, pad_batch, pad_id
 from .clusters import kmeans
 from .gate import calibrate, cluster_max_scores
+from .keys import layer_inputs
 from .report import EditReport, PreferenceResult
 from .selftext import HELD_OUT_PROMPTS, context_prefixes, generate
 from .statistics import layer_stats

@@ -12,8 +12,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..cache import cache_dir
-from .capture import layer_inputs
 from .chat import encode, pad_id
+from .keys import layer_inputs
 from .selftext import model_fingerprint, neutral_corpus
 
 

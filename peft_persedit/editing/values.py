@@ -9,7 +9,8 @@ For preference i with training prompts p (subject's last token s_p) and target y
 δ_i. Tokens before the subject never see δ, so their key/value cache is computed once and every step only
 runs the suffix (subject token → end of target); rows of similar length share a chunk. A preference stops
 as soon as greedy decoding reproduces its whole target on every prompt and its NLL < ε (what efficacy
-needs), and a chunk is skipped once all its preferences stopped.
+needs); from then on its rows (prompts and KL) are dropped from their chunk, so each step costs only the
+preferences still being optimized.
 """
 
 from __future__ import annotations
@@ -98,6 +99,23 @@ class _Chunk:
                 out = _decoder(model)(input_ids=prefix_ids.to(device), attention_mask=self.mask[:, : self.prefix_len],
                                       position_ids=self.prefix_positions, use_cache=True)
             self.cache = out.past_key_values
+
+    def subset(self, keep: torch.Tensor) -> _Chunk:
+        """The same chunk restricted to the rows where ``keep`` [rows] is True (prefix cache rows selected)."""
+        part = copy.copy(self)
+        rows = keep.nonzero().flatten()
+        part.index = [self.index[j] for j in rows.tolist()]
+        part.rows = [self.rows[j] for j in rows.tolist()]
+        part.adapters = None if self.adapters is None else [self.adapters[j] for j in rows.tolist()]
+        part.ids, part.mask, part.owner = self.ids[rows], self.mask[rows], self.owner[rows]
+        part.positions, part.prefix_positions = self.positions[rows], self.prefix_positions[rows]
+        flat = keep[self.flat_rows]
+        part.flat_rows = torch.cumsum(keep.long(), 0)[self.flat_rows][flat] - 1  # renumbered rows
+        part.flat_pos, part.labels = self.flat_pos[flat], self.labels[flat]
+        if self.cache is not None:
+            part.cache = copy.deepcopy(self.cache)
+            part.cache.batch_select_indices(rows)
+        return part
 
     def log_probs(self, model: nn.Module) -> torch.Tensor:
         """log P at the scored positions, running only the suffix on top of the cached prefix."""
@@ -200,9 +218,11 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
             optimizer.zero_grad()
             step_nll = torch.zeros(n, device=device)
             step_greedy = torch.ones(n, dtype=torch.bool, device=device)
-            for chunk in chunks:
-                if bool(done[chunk.owner].all()):
+            for full in chunks:
+                active = ~done[full.owner]
+                if not bool(active.any()):
                     continue
+                chunk = full if bool(active.all()) else full.subset(active)  # finished rows cost nothing
                 hook.delta, hook.owner = delta, chunk.owner
                 losses, greedy = chunk.losses(chunk.log_probs(peft_model), kl_reference)
                 for j, ok in enumerate(greedy.tolist()):

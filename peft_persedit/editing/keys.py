@@ -1,4 +1,11 @@
-"""Reading the inputs x of edit modules (the ROME/MEMIT keys) with an early exit after the deepest one."""
+"""Keys: the inputs x of edit modules (the ROME/MEMIT keys), read with an early exit after the deepest one, and
+each preference's cluster of keys.
+
+For preference i with cluster questions q_1..q_m (own question + synonym questions) and contexts c_0 = "" (the
+bare inference format), c_1..c_n (self-generated prefixes), the key of (q, c) is the layer input at the
+subject's last token of chat(c ⊕ q). The cluster keeps, per question, the bare key x(q, c_0) and the context
+mean x̄(q) = 1/(n+1) Σ_j x(q, c_j), then k-means compresses the 2m keys to ≤ ``max_keys``.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .chat import pad_batch
+from .clusters import kmeans
 
 
 class _StopForward(Exception):
@@ -57,3 +65,15 @@ def layer_inputs(model: nn.Module, modules: Sequence[nn.Module], sequences: list
             handle.remove()
     d_in = [getattr(m, "in_features", 0) for m in modules]
     return [torch.cat(o) if o else torch.zeros(0, d) for o, d in zip(outputs, d_in)]
+
+
+def cluster_keys(inputs: torch.Tensor, owner: torch.Tensor, cluster_sizes: list[int], n_contexts: int,
+                 max_keys: int) -> list[torch.Tensor]:
+    """Per preference i, its keys [≤ max_keys, d] from ``inputs`` [N, d] (rows of preference i where
+    ``owner == i``, ordered question-major: question × context, context 0 = the bare prompt)."""
+    keys = []
+    for i, size in enumerate(cluster_sizes):
+        rows = inputs[owner == i].reshape(size, n_contexts, -1)
+        own = torch.cat([rows[:, 0], rows.mean(1)]) if n_contexts > 1 else rows[:, 0]
+        keys.append(kmeans(own, max_keys))
+    return keys
