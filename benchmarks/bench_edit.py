@@ -12,6 +12,9 @@ Prints and saves (``--out``, default benchmarks/results/edit):
     after round 1 vs. after round 10.
 
     python benchmarks/bench_edit.py [--limit 100] [--rome-items 3] [--rounds 10 --per-round 10]
+                                    [--sections persedit,rome,sequential,rome_per_synonym]
+
+``--sections`` runs a subset and updates only those entries of an existing results.json.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from peft_persedit.editing.verify import answer_questions, target_hit
 from peft_persedit.preferences import Preference, load_preferences
 from peft_persedit.prompts import load_prompt_set
 
+SECTIONS = ("persedit", "rome", "sequential", "rome_per_synonym")
 QUESTION_KINDS = {"efficacy": "question", "paraphrase": "paraphrased_question", "implicit": "implicit_question"}
 
 
@@ -117,54 +121,63 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="sequential-safety rounds (of --per-round)")
     parser.add_argument("--per-round", type=int, default=10)
     parser.add_argument("--out", default="benchmarks/results/edit")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"subset of {','.join(SECTIONS)}")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    if not sections <= set(SECTIONS) or (("rome_per_synonym" in sections) and "persedit" not in sections
+                                         and not (Path(args.out) / "results.json").is_file()):
+        parser.error(f"--sections must be a subset of {','.join(SECTIONS)} (rome_per_synonym needs persedit's time)")
     torch.set_num_threads(2)
     model, tokenizer = load_default_model()
     prefs = load_preferences(dataset_path("upqa_balanced100"))[: args.limit]
     cluster9 = load_preferences(dataset_path("upqa_balanced100_cluster9"))[: args.rome_items]
-    results: dict = {"limit": args.limit, "command": "python benchmarks/bench_edit.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    results: dict = json.loads((out / "results.json").read_text()) if sections != set(SECTIONS) else {}
+    command = "python benchmarks/bench_edit.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
+    results["limit"] = args.limit
+    if sections == set(SECTIONS):
+        results["command"] = command
+    else:  # the entries of these sections come from this later command
+        results.setdefault("reruns", {}).update({section: command for section in sorted(sections)})
 
     def save() -> None:  # after every section, so a long run leaves what it measured so far
         (out / "results.json").write_text(json.dumps(results, indent=2))
 
     pm = get_peft_model(model, PersonalizationEditConfig(), adapter_name="default").eval()
-    base_adapters = ["__base__"] * len(prefs)
-    results["no_edit"] = accuracy(pm, tokenizer, prefs, base_adapters)
-    users, results["persedit_timings"] = edit_all(pm, tokenizer, prefs, "u", "default")
-    results["persedit"] = accuracy(pm, tokenizer, prefs, users)
-    save()
-
     neutral = load_prompt_set("neutral_prompts")[:50]
-    union_adapter(pm, users, "all")
     base_out = answer_questions(pm, tokenizer, neutral, ["__base__"] * len(neutral))
-    all_out = answer_questions(pm, tokenizer, neutral, ["all"] * len(neutral))
-    results["locality_all_in_one"] = sum(a == b for a, b in zip(base_out, all_out)) / len(neutral)
-    save()
-    for user in users:
-        pm.delete_adapter(user)
+    if "persedit" in sections:
+        results["no_edit"] = accuracy(pm, tokenizer, prefs, ["__base__"] * len(prefs))
+        users, results["persedit_timings"] = edit_all(pm, tokenizer, prefs, "u", "default")
+        results["persedit"] = accuracy(pm, tokenizer, prefs, users)
+        union_adapter(pm, users, "all")
+        all_out = answer_questions(pm, tokenizer, neutral, ["all"] * len(neutral))
+        results["locality_all_in_one"] = sum(a == b for a, b in zip(base_out, all_out)) / len(neutral)
+        save()
+        for user in [*users, "all"]:
+            pm.delete_adapter(user)
 
     rome_cfg = PersonalizationEditConfig(gate="none", mom2="none", synonyms=0, contexts=0)
-    pm.add_adapter("rome_cfg", copy.deepcopy(rome_cfg))
-    rome_users, results["rome_timings"] = edit_all(pm, tokenizer, prefs, "r", "rome_cfg")
-    results["rome_ungated"] = accuracy(pm, tokenizer, prefs, rome_users)
-    rome_all = answer_questions(pm, tokenizer, neutral, rome_users[:1] * len(neutral))
-    results["rome_locality_one_edit"] = sum(a == b for a, b in zip(base_out, rome_all)) / len(neutral)
-    save()
-    for user in rome_users:
-        pm.delete_adapter(user)
+    if "rome" in sections:
+        pm.add_adapter("rome_cfg", copy.deepcopy(rome_cfg))
+        rome_users, results["rome_timings"] = edit_all(pm, tokenizer, prefs, "r", "rome_cfg")
+        results["rome_ungated"] = accuracy(pm, tokenizer, prefs, rome_users)
+        rome_all = answer_questions(pm, tokenizer, neutral, rome_users[:1] * len(neutral))
+        results["rome_locality_one_edit"] = sum(a == b for a, b in zip(base_out, rome_all)) / len(neutral)
+        save()
+        for user in rome_users:
+            pm.delete_adapter(user)
 
-    if args.rounds:
+    if "sequential" in sections and args.rounds:
         results["sequential"] = sequential_rounds(pm, tokenizer, args.rounds, args.per_round)
         save()
-    per_pref_rome = rome_per_synonym(pm, tokenizer, cluster9, rome_cfg)
-    per_pref_persedit = results["persedit_timings"]["total"] / len(prefs)
-    results["seconds_per_preference"] = {"persedit_batched": per_pref_persedit, "rome_per_synonym": per_pref_rome}
-    results["speedup_vs_rome_per_synonym"] = per_pref_rome / per_pref_persedit
-
-    save()
+    if "rome_per_synonym" in sections:
+        per_pref_rome = rome_per_synonym(pm, tokenizer, cluster9, rome_cfg)
+        per_pref_persedit = results["persedit_timings"]["total"] / args.limit
+        results["seconds_per_preference"] = {"persedit_batched": per_pref_persedit, "rome_per_synonym": per_pref_rome}
+        results["speedup_vs_rome_per_synonym"] = per_pref_rome / per_pref_persedit
+        save()
     print(json.dumps(results, indent=2))
 
 

@@ -111,6 +111,28 @@ def test_synonym_parsing_and_cluster_members():
     assert kmeans(x, 4).shape == (4, 8) and kmeans(x[:3], 4).shape == (3, 8)
 
 
+def test_a_later_edit_is_calibrated_against_the_adapters_earlier_preferences(tokenizer, monkeypatch):
+    import peft_persedit.editing.editor as editor_module
+
+    seen = []
+    real = editor_module.calibrate
+    monkeypatch.setattr(editor_module, "calibrate",
+                        lambda pos, neg, *a: seen.append(neg.shape[0]) or real(pos, neg, *a))
+    pm = tiny_pm()
+    editor = PersonalizationEditor(pm, tokenizer, progress=False)
+    editor.edit([PREFS[1]], verify=False)  # round 1: the pet
+    assert [p.id for p in editor._held(["default"], exclude=set())] == [PREFS[1].id]
+    assert editor._held(["default"], exclude={PREFS[1].id}) == []
+    editor.edit([PREFS[2]], verify=False)  # round 2: the city, in the same adapter
+
+    def answered(pref: Preference) -> int:  # question + answer tokens (mom2="none": no neutral samples)
+        return len(encode(tokenizer, chat_text(tokenizer, pref.question)) + encode(tokenizer, pref.target))
+
+    assert seen == [answered(PREFS[1]), answered(PREFS[2]) + answered(PREFS[1])]
+    editor.edit_users({"other": [PREFS[0]]}, verify=False)
+    assert seen[-1] == answered(PREFS[0])  # another adapter's preferences are not this one's negatives
+
+
 def test_edit_forget_update_on_tiny_model(tokenizer):
     pm = tiny_pm()
     editor = PersonalizationEditor(pm, tokenizer, progress=False)

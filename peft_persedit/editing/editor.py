@@ -59,8 +59,13 @@ class PersonalizationEditor:
     def preferences(self) -> list[Preference]:
         """The preferences the adapter holds (saved with it in ``adapter_config.json``; extra keys such as
         ``kind`` are dropped)."""
+        return self.held_preferences(self.adapter)
+
+    def held_preferences(self, adapter: str) -> list[Preference]:
+        """The preferences ``adapter`` holds (see :attr:`preferences`)."""
         fields = Preference.__dataclass_fields__
-        return [Preference.from_dict({k: v for k, v in e.items() if k in fields}) for e in self.config.preferences]
+        return [Preference.from_dict({k: v for k, v in e.items() if k in fields})
+                for e in self.model.peft_config[adapter].preferences]
 
     def _ensure_adapter(self, adapter: str) -> None:
         if adapter not in self.model.peft_config:
@@ -187,6 +192,11 @@ class PersonalizationEditor:
                                lr=cfg.value_lr, kl_weight=cfg.kl_weight, weight_decay=cfg.value_weight_decay,
                                clamp_norm_factor=cfg.clamp_norm_factor, progress=self.progress)
 
+    def _held(self, adapters: list[str], exclude: set[str]) -> list[Preference]:
+        """Preferences the ``adapters`` already hold (before this edit), minus the ids in ``exclude``."""
+        held = {p.id: p for adapter in dict.fromkeys(adapters) for p in self.held_preferences(adapter)}
+        return [p for pid, p in held.items() if pid not in exclude]
+
     def _apply(self, jobs: list[Job], members: list[list[tuple[str, str]]], contexts: list[str],
                deltas: torch.Tensor, stats, lap) -> list[float]:
         """Per layer in order (later keys see earlier edits): keys → solve → gate → apply."""
@@ -201,17 +211,24 @@ class PersonalizationEditor:
                     prompts.append(self._prompt(q, s, ctx, pref.id))
                     owner.append(i)
         owner_t = torch.tensor(owner)
-        # negatives: every token of each question + its answer, except subject tokens of the cluster's own questions
-        answered, subject_pos = [], []
+        # negatives: every token of each question + its answer — this call's and those the adapters already hold
+        # (a new cluster must not fire on an earlier preference) — except subject tokens of the cluster's own questions
+        answered, subject_pos, negative_prefs = [], [], []
         for (_, pref), cluster in zip(jobs, members):
             ids, index = self._prompt(pref.question, cluster[0][1], "", pref.id)
             answered.append(ids + encode(self.tokenizer, pref.target))
             subject_pos.append(index)
+            negative_prefs.append(pref)
+        for pref in self._held(adapters, {p.id for _, p in jobs}):
+            ids = encode(self.tokenizer, chat_text(self.tokenizer, pref.question))
+            answered.append(ids + encode(self.tokenizer, pref.target))
+            subject_pos.append(-1)  # held questions are never this call's own: every token is a negative
+            negative_prefs.append(pref)
         token_owner = torch.cat([torch.full((len(t),), j) for j, t in enumerate(answered)])
         token_pos = torch.cat([torch.arange(len(t)) for t in answered])
         is_subject = token_pos == torch.tensor(subject_pos)[token_owner]
         same_question = torch.tensor([[other.question in {q for q, _ in cluster} for cluster in members]
-                                      for _, other in jobs], dtype=torch.bool)  # [P, C]
+                                      for other in negative_prefs], dtype=torch.bool)  # [P, C]
         taus: list[float] = [0.0] * len(jobs)
         for name, module in modules.items():
             x = layer_inputs(self.model, [module], [p[0] for p in prompts], pad, [p[1] for p in prompts],
