@@ -134,7 +134,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = json.loads((out / "results.json").read_text()) if sections != set(SECTIONS) else {}
-    command = "python benchmarks/bench_edit.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
+    command = f"python benchmarks/bench_edit.py {flags}"
     results["limit"] = args.limit
     if sections == set(SECTIONS):
         results["command"] = command
