@@ -86,6 +86,8 @@ class PersonalizationEditConfig(PeftConfig):
     )
     ridge: float = field(default=1e-3, metadata={"help": "ε of the per-cluster solve (relative to tr G / n)."})
     false_fire_rate: float = field(default=1e-3, metadata={"help": "Allowed gate firing rate on neutral text."})
+    preserve_leaks: int = field(default=32, metadata={
+        "help": "Negative inputs a gate cannot exclude that the cluster's delta must map to 0 (at most, per cluster)."})
     value_questions: int = field(default=1, metadata={"help": "Cluster questions v* is optimized on."})
     synonyms: int = field(default=4, metadata={"help": "Synonyms asked of the model when none are given."})
     contexts: int = field(default=3, metadata={"help": "Self-generated context prefixes keys average over."})

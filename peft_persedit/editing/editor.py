@@ -19,7 +19,7 @@ from ..preferences import Preference
 from .apply import add_preference_clusters, set_missing_centers
 from .chat import chat_text, encode, pad_id, subject_token_index
 from .clusters import cluster_members, model_synonyms
-from .gate import calibrate, cluster_max_scores, own_subject_mask
+from .gate import calibrate, cluster_max_scores, leaked_inputs, own_subject_mask
 from .keys import cluster_keys, layer_inputs
 from .report import EditReport, PreferenceResult
 from .selftext import context_prefixes
@@ -199,7 +199,8 @@ class PersonalizationEditor:
 
     def _apply(self, jobs: list[Job], members: list[list[tuple[str, str]]], contexts: list[str],
                deltas: torch.Tensor, stats, lap) -> list[float]:
-        """Per layer in order (later keys see earlier edits): keys → solve → gate → apply."""
+        """Per layer in order (later keys see earlier edits): keys → gate → solve (preserving what the gate lets
+        through) → apply."""
         modules = self.modules
         share = 1.0 / len(modules)
         pad = pad_id(self.tokenizer)
@@ -238,16 +239,19 @@ class PersonalizationEditor:
             lap("keys")
             center = stats[name].mean if stats is not None else torch.zeros(module.in_features)
             set_missing_centers(module, adapters, center)
-            c_inv = stats[name].inverse() if stats is not None else None
-            A, B = solve_clusters(keys, deltas * share, c_inv, self.config.ridge)
-            lap("solve")
             unit = [torch.nn.functional.normalize(k - center, dim=-1) for k in keys]
             positives = [cluster_max_scores(x[owner_t == i], center, [unit[i]])[:, 0] for i in range(len(jobs))]
             neutral = stats[name].samples if stats is not None else torch.zeros(0, module.in_features)
-            neg_scores = cluster_max_scores(torch.cat([neutral, negatives]), center, unit)
+            neg_inputs = torch.cat([neutral, negatives])
+            neg_scores = cluster_max_scores(neg_inputs, center, unit)
             usable = own_subject_mask(neutral.shape[0], token_owner, is_subject, same_question)
             calibration = calibrate(positives, neg_scores, self.config.false_fire_rate, usable)
+            leaks = (leaked_inputs(neg_inputs, neg_scores, usable, calibration.tau, self.config.preserve_leaks)
+                     if self.config.gate != "none" else None)  # ungated deltas fire everywhere: plain ROME/MEMIT
             lap("gate")
+            c_inv = stats[name].inverse() if stats is not None else None
+            A, B = solve_clusters(keys, deltas * share, c_inv, self.config.ridge, leaks)
+            lap("solve")
             add_preference_clusters(module, adapters, keys, calibration.tau, A, B)
             taus = calibration.tau.tolist()
             lap("apply")

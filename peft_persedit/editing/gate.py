@@ -59,3 +59,15 @@ def own_subject_mask(n_neutral: int, token_owner: torch.Tensor, is_subject: torc
     p's question is one of c's cluster questions; token t belongs to preference ``token_owner[t]``)."""
     own = is_subject[:, None] & same_question[token_owner]
     return torch.cat([torch.ones(n_neutral, same_question.shape[1], dtype=torch.bool), ~own])
+
+
+def leaked_inputs(inputs: torch.Tensor, scores: torch.Tensor, usable: torch.Tensor, tau: torch.Tensor,
+                  limit: int) -> list[torch.Tensor]:
+    """Per cluster c: the usable negative ``inputs`` [N, d] its gate still lets through (s_{n,c} ≥ τ_c), highest
+    scores first, at most ``limit`` — the solve maps them to 0 (see :mod:`.solve`)."""
+    leaks = []
+    for c in range(scores.shape[1]):
+        s = scores[:, c].masked_fill(~usable[:, c], float("-inf"))
+        index = (s >= tau[c]).nonzero().flatten()
+        leaks.append(inputs[index[s[index].argsort(descending=True)][:limit]])
+    return leaks
