@@ -12,7 +12,7 @@ from peft_persedit import PersonalizationEditConfig
 from peft_persedit.editing import PersonalizationEditor
 from peft_persedit.editing.chat import SubjectNotFoundError, chat_text, encode, subject_token_index
 from peft_persedit.editing.clusters import cluster_members, kmeans, parse_synonyms
-from peft_persedit.editing.gate import calibrate, cluster_max_scores
+from peft_persedit.editing.gate import calibrate, cluster_max_scores, leaked_inputs
 from peft_persedit.editing.keys import layer_inputs
 from peft_persedit.editing.solve import solve_clusters
 from peft_persedit.preferences import Preference
@@ -85,6 +85,22 @@ def test_solve_maps_every_key_to_its_residual():
         for c, k in enumerate(keys):
             assert A[c].shape == (1, 64) and B[c].shape == (32, 1)
             assert torch.allclose(k @ A[c].T @ B[c].T, residuals[c].expand(k.shape[0], -1), atol=1e-3)
+
+
+def test_solve_preserves_what_the_gate_lets_through():
+    torch.manual_seed(0)
+    keys = [torch.randn(2, 64), torch.randn(1, 64)]
+    twin = keys[1] + 0.05 * torch.randn(1, 64)  # another preference's subject token, nearly the same input
+    residuals = torch.randn(2, 32)
+    A, B = solve_clusters(keys, residuals, None, ridge=1e-8, preserve=[torch.zeros(0, 64), twin])
+    assert torch.allclose(keys[1] @ A[1].T @ B[1].T, residuals[1][None], atol=1e-3)
+    assert torch.allclose(twin @ A[1].T @ B[1].T, torch.zeros(1, 32), atol=1e-3)
+    assert torch.allclose(keys[0] @ A[0].T @ B[0].T, residuals[0].expand(2, -1), atol=1e-3)
+    leaks = leaked_inputs(torch.cat([twin, torch.randn(3, 64)]), torch.tensor([[0.2, 0.95], [0.1, 0.2], [0.9, 0.1],
+                                                                                 [0.3, 0.3]]),
+                          torch.tensor([[True, True], [True, True], [False, True], [True, True]]),
+                          torch.tensor([0.8, 0.9]), limit=4)
+    assert leaks[0].shape == (0, 64) and torch.equal(leaks[1], twin)  # masked rows never leak
 
 
 def test_gate_calibration_separates_near_and_far():
