@@ -1,4 +1,4 @@
-"""The editing engine: preferences → keys → values → solve → gate → apply (one module per step)."""
+"""The editing engine: preferences → keys → values → gate → solve → apply (one module per step)."""
 
 from .editor import PersonalizationEditor
 from .report import EditReport, PreferenceResult

@@ -1,4 +1,4 @@
-"""PersonalizationEditor: preferences → keys → values → solve → gate → apply, for one or many adapters.
+"""PersonalizationEditor: preferences → keys → values → gate → solve → apply, for one or many adapters.
 
 Each preference becomes one cluster in every edit layer of its adapter; entry k of
 ``config.preferences`` is cluster ``init_clusters + k``, so clusters can be forgotten one by one.
