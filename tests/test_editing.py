@@ -137,7 +137,7 @@ def test_a_later_edit_is_calibrated_against_the_adapters_earlier_preferences(tok
     pm = tiny_pm()
     editor = PersonalizationEditor(pm, tokenizer, progress=False)
     editor.edit([PREFS[1]], verify=False)  # round 1: the pet
-    assert [p.id for p in editor._held(["default"], exclude=set())] == [PREFS[1].id]
+    assert [(a, p.id) for a, p in editor._held(["default"], exclude=set())] == [("default", PREFS[1].id)]
     assert editor._held(["default"], exclude={PREFS[1].id}) == []
     editor.edit([PREFS[2]], verify=False)  # round 2: the city, in the same adapter
 

@@ -192,10 +192,10 @@ class PersonalizationEditor:
                                lr=cfg.value_lr, kl_weight=cfg.kl_weight, weight_decay=cfg.value_weight_decay,
                                clamp_norm_factor=cfg.clamp_norm_factor, progress=self.progress)
 
-    def _held(self, adapters: list[str], exclude: set[str]) -> list[Preference]:
-        """Preferences the ``adapters`` already hold (before this edit), minus the ids in ``exclude``."""
-        held = {p.id: p for adapter in dict.fromkeys(adapters) for p in self.held_preferences(adapter)}
-        return [p for pid, p in held.items() if pid not in exclude]
+    def _held(self, adapters: list[str], exclude: set[str]) -> list[tuple[str, Preference]]:
+        """(adapter, preference) for what ``adapters`` already hold (before this edit), minus the ids in ``exclude``."""
+        return [(adapter, p) for adapter in dict.fromkeys(adapters) for p in self.held_preferences(adapter)
+                if p.id not in exclude]
 
     def _apply(self, jobs: list[Job], members: list[list[tuple[str, str]]], contexts: list[str],
                deltas: torch.Tensor, stats, lap) -> list[float]:
@@ -214,22 +214,24 @@ class PersonalizationEditor:
         owner_t = torch.tensor(owner)
         # negatives: every token of each question + its answer — this call's and those the adapters already hold
         # (a new cluster must not fire on an earlier preference) — except subject tokens of the cluster's own questions
-        answered, subject_pos, negative_prefs = [], [], []
-        for (_, pref), cluster in zip(jobs, members):
+        answered, subject_pos, negative_jobs = [], [], []
+        for (adapter, pref), cluster in zip(jobs, members):
             ids, index = self._prompt(pref.question, cluster[0][1], "", pref.id)
             answered.append(ids + encode(self.tokenizer, pref.target))
             subject_pos.append(index)
-            negative_prefs.append(pref)
-        for pref in self._held(adapters, {p.id for _, p in jobs}):
+            negative_jobs.append((adapter, pref))
+        for adapter, pref in self._held(adapters, {p.id for _, p in jobs}):
             ids = encode(self.tokenizer, chat_text(self.tokenizer, pref.question))
             answered.append(ids + encode(self.tokenizer, pref.target))
             subject_pos.append(-1)  # held questions are never this call's own: every token is a negative
-            negative_prefs.append(pref)
+            negative_jobs.append((adapter, pref))
         token_owner = torch.cat([torch.full((len(t),), j) for j, t in enumerate(answered)])
         token_pos = torch.cat([torch.arange(len(t)) for t in answered])
         is_subject = token_pos == torch.tensor(subject_pos)[token_owner]
         same_question = torch.tensor([[other.question in {q for q, _ in cluster} for cluster in members]
-                                      for other in negative_prefs], dtype=torch.bool)  # [P, C]
+                                      for _, other in negative_jobs], dtype=torch.bool)  # [P, C]
+        # only a leak into the cluster's own adapter (or neutral text) can disturb it: rows are routed by adapter
+        same_adapter = torch.tensor([[a == b for b in adapters] for a, _ in negative_jobs], dtype=torch.bool)
         taus: list[float] = [0.0] * len(jobs)
         for name, module in modules.items():
             x = layer_inputs(self.model, [module], [p[0] for p in prompts], pad, [p[1] for p in prompts],
@@ -246,7 +248,9 @@ class PersonalizationEditor:
             neg_scores = cluster_max_scores(neg_inputs, center, unit)
             usable = own_subject_mask(neutral.shape[0], token_owner, is_subject, same_question)
             calibration = calibrate(positives, neg_scores, self.config.false_fire_rate, usable)
-            leaks = (leaked_inputs(neg_inputs, neg_scores, usable, calibration.tau, self.config.preserve_leaks)
+            own_adapter = usable & torch.cat([torch.ones(neutral.shape[0], len(jobs), dtype=torch.bool),
+                                              same_adapter[token_owner]])
+            leaks = (leaked_inputs(neg_inputs, neg_scores, own_adapter, calibration.tau, self.config.preserve_leaks)
                      if self.config.gate != "none" else None)  # ungated deltas fire everywhere: plain ROME/MEMIT
             lap("gate")
             c_inv = stats[name].inverse() if stats is not None else None
