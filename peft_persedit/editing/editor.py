@@ -248,10 +248,11 @@ class PersonalizationEditor:
             neg_scores = cluster_max_scores(neg_inputs, center, unit)
             usable = own_subject_mask(neutral.shape[0], token_owner, is_subject, same_question)
             calibration = calibrate(positives, neg_scores, self.config.false_fire_rate, usable)
-            own_adapter = usable & torch.cat([torch.ones(neutral.shape[0], len(jobs), dtype=torch.bool),
-                                              same_adapter[token_owner]])
-            leaks = (leaked_inputs(neg_inputs, neg_scores, own_adapter, calibration.tau, self.config.preserve_leaks)
-                     if self.config.gate != "none" else None)  # ungated deltas fire everywhere: plain ROME/MEMIT
+            leaks = None  # ungated deltas fire everywhere: plain ROME/MEMIT, nothing to preserve
+            if self.config.gate != "none":
+                own_adapter = usable & torch.cat([torch.ones(neutral.shape[0], len(jobs), dtype=torch.bool),
+                                                  same_adapter[token_owner]])
+                leaks = leaked_inputs(neg_inputs, neg_scores, own_adapter, calibration.tau, self.config.preserve_leaks)
             lap("gate")
             c_inv = stats[name].inverse() if stats is not None else None
             A, B = solve_clusters(keys, deltas * share, c_inv, self.config.ridge, leaks)
