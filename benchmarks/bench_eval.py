@@ -4,7 +4,8 @@
     python benchmarks/bench_eval.py --limit 20       # a cheaper run, labelled with its limit
 
 runs ``persedit eval --data upqa_balanced100 --methods base,ice,lora,rome,persedit --turns 0,2,6,10
---limit N --out benchmarks/results/eval_limitN`` in this process and adds to that folder ``command.txt``
+--limit N --workers 2 --out benchmarks/results/eval_limitN`` in this process (2 worker processes of 1 torch
+thread each on this 2-core machine) and adds to that folder ``command.txt``
 (the exact command) and ``projection.json``: the time the run took per method × protocol × stage, and the
 time projected for the full 100 items (personalization and answers scale with the users, locality with
 the sampled users, model loading stays).
@@ -29,10 +30,23 @@ from peft_persedit.cli import main as persedit  # noqa: E402
 FULL_ITEMS = 100
 
 
-def command(limit: int, out: str, extra: list[str]) -> list[str]:
+def command(limit: int, out: str, workers: int, extra: list[str]) -> list[str]:
     """The ``persedit eval`` arguments of the comparison."""
     return ["eval", "--data", "upqa_balanced100", "--methods", "base,ice,lora,rome,persedit", "--turns", "0,2,6,10",
-            "--limit", str(limit), "--out", out, *extra]
+            "--limit", str(limit), "--workers", str(workers), "--out", out, *extra]
+
+
+def makespan(seconds: dict[str, float], workers: int) -> float:
+    """Wall time of the jobs as the harness runs them: base jobs (and the judge) in the main process, the
+    rest longest-first on ``workers``."""
+    def alone(job: str) -> bool:
+        return job.startswith("base/") or "/" not in job
+
+    finish = [0.0] * max(1, workers)
+    for job, cost in sorted(seconds.items(), key=lambda item: -item[1]):
+        if not alone(job):
+            finish[finish.index(min(finish))] += cost
+    return sum(cost for job, cost in seconds.items() if alone(job)) + max(finish)
 
 
 def _scaled(results: dict, stages_by_job: dict[str, dict[str, float]], full_items: int) -> dict[str, float]:
@@ -66,9 +80,10 @@ def projection(results: dict, full_items: int = FULL_ITEMS) -> dict:
     """
     wall, cpu = (_scaled(results, results[key], full_items) for key in ("timings", "cpu_seconds"))
     threads = results["environment"]["threads"]
+    workers = results["environment"].get("workers", 1)
     return {"measured_seconds": results["total_seconds"], "measured_cpu_seconds": results["total_cpu_seconds"],
             "items": results["items"], "full_items": full_items,
-            "projected_full_seconds_at_measured_speed": round(sum(wall.values()), 1),
+            "projected_full_seconds_at_measured_speed": round(makespan(wall, workers), 1),
             "projected_full_cpu_seconds": round(sum(cpu.values()), 1),
             f"projected_full_seconds_idle_{threads}_threads": round(sum(cpu.values()) / threads, 1),
             "projected_seconds_per_job": {k: round(v, 1) for k, v in wall.items()},
@@ -80,10 +95,11 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=FULL_ITEMS)
     parser.add_argument("--out", help="default: benchmarks/results/eval_limit{N}")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (this machine has 2 cores)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (threads ÷ workers each)")
     args, extra = parser.parse_known_args()  # anything else goes to persedit eval (e.g. --judge PATH)
     torch.set_num_threads(args.threads)
     out = args.out or f"benchmarks/results/eval_limit{args.limit}"
-    argv = command(args.limit, out, extra)
+    argv = command(args.limit, out, args.workers, extra)
     line = "OMP_WAIT_POLICY=PASSIVE persedit " + shlex.join(argv) + f"   # torch threads: {args.threads}"
     print(line, flush=True)
     code = persedit(argv)

@@ -152,6 +152,8 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument("--lora-steps", type=int, default=d.lora_steps, help="Trainer steps per LoRA user")
     ev.add_argument("--lora-lr", type=float, default=d.lora_lr)
     ev.add_argument("--lora-rank", type=int, default=d.lora_rank)
+    ev.add_argument("--workers", type=int, default=d.workers,
+                    help="processes running the method × protocol jobs side by side (2 on a 2-core CPU)")
     ev.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ev.set_defaults(func=cmd_eval)
 

@@ -240,3 +240,29 @@ def test_eval_smoke_on_the_embedded_model(tmp_path, capsys):
     assert score[("persedit", "locality_neutral", 0)] >= 0.8 and score[("base", "locality_neutral", 0)] == 1.0
     assert ("persedit", "multiturn", 2) in score and ("lora", "multiturn", 2) in score
     assert {p.name for p in out.iterdir()} >= {"results.json", "results.md", "accuracy.png", "multiturn.png"}
+
+
+def test_eval_in_two_worker_processes_matches_one(tiny_dir, tmp_path):
+    """``--workers 2``: the same jobs, records (in table order) and costs as one process; workers' jobs run
+    elsewhere. Answers may differ where 1 vs 2 torch threads break a near-tie of the random model's logits."""
+    data, fillers = write(tmp_path / "d.json", ITEMS), write(tmp_path / "f.json", FILLERS)
+    results = {}
+    for workers in (1, 2):
+        out = tmp_path / f"ev{workers}"
+        assert main(["eval", "--data", data, "--model", str(tiny_dir), "--out", str(out), "--turns", "0,1",
+                     "--fillers", fillers, "--methods", "base,ice,lora,persedit", "--group-size", "2",
+                     "--max-new-tokens", "4", "--locality-prompts", "3", "--locality-users", "2",
+                     "--lora-steps", "2", "--workers", str(workers), "--no-plots"]) == 0
+        results[workers] = json.loads((out / "results.json").read_text())
+    one, two = results[1], results[2]
+    assert two["environment"]["workers"] == 2 and two["environment"]["threads_per_worker"] >= 1
+    assert list(two["timings"]) == list(one["timings"]) and len(one["timings"]) == 8
+
+    def rows(result, keep=("protocol", "method", "user", "item", "metric", "turns", "question", "target")):
+        return [tuple(r[k] for k in keep) for r in result["records"]]
+
+    assert rows(two) == rows(one)
+    base = [r["answer"] for r in two["records"] if r["method"] == "base"]
+    assert base == [r["answer"] for r in one["records"] if r["method"] == "base"]  # run in this process both times
+    assert [(c["protocol"], c["method"], c["users"]) for c in two["cost"]] == [
+        (c["protocol"], c["method"], c["users"]) for c in one["cost"]]

@@ -1,9 +1,10 @@
 """The UPQA evaluation harness: every method × protocol through the same prompts, chat template and scoring.
 
-For each method (a fresh copy of the base model each) and protocol: personalize all users (timed, peak
-memory, adapter bytes), generate every metric's question for every user in mixed batches (row i through
+For each job — a method (a fresh copy of the base model each) in a protocol: personalize all users (timed,
+peak memory, adapter bytes), generate every metric's question for every user in mixed batches (row i through
 its user's route), score, then check locality for a sample of users. Unpersonalized generations are cached
-by chat across methods (the base model's output does not depend on the method).
+by chat across methods (the base model's output does not depend on the method). With ``workers`` > 1 the
+jobs run in that many processes (:mod:`.workers`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -41,8 +42,25 @@ def other_questions(users: Users, user: str) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+@dataclass
+class JobResult:
+    """What one job (method × protocol) produced: its records, cost row and stage seconds (wall and CPU)."""
+
+    method: str
+    protocol: str
+    records: list[Record] = field(default_factory=list)
+    cost: dict = field(default_factory=dict)
+    wall: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+    process: int = field(default_factory=os.getpid)  # the process that ran it
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}/{self.protocol}"
+
+
 class Harness:
-    """State shared across methods: data, users per protocol, distractor turns, the reference cache."""
+    """State shared across jobs: data, users per protocol, distractor turns, the reference cache."""
 
     def __init__(self, config: EvalConfig) -> None:
         self.config = config
@@ -59,6 +77,20 @@ class Harness:
         self.costs: list[dict] = []
         self.timings: dict[str, dict[str, float]] = {}  # job → stage → wall seconds
         self.cpu: dict[str, dict[str, float]] = {}  # job → stage → process CPU seconds (all threads)
+
+    @property
+    def jobs(self) -> list[tuple[str, str]]:
+        """(method, protocol) pairs in table order."""
+        return [(m, p) for m in self.config.methods for p in self.protocols]
+
+    def distractors(self, method: Method | None = None) -> None:
+        """The default distractor turns (the base model's own answers), once, when multi-turn needs them."""
+        if self.pairs is None and any(n > 0 for n in self.config.turns):
+            owned = method is None
+            method = method or build_method("base", self.config)
+            self.pairs = model_distractors(method.model, method.tokenizer, batch_size=self.config.batch_size)
+            if owned:
+                method.close()
 
     # ---------------------------------------------------------------------------------------- generation
     def _chat(self, method: Method, user: str | None, question: str, turns: int = 0) -> tuple[Chat, str | None]:
@@ -83,7 +115,7 @@ class Harness:
         return [out[i] for i in range(len(rows))]
 
     # ------------------------------------------------------------------------------------------- metrics
-    def questions(self, method: Method, protocol: str, users: Users) -> None:
+    def questions(self, method: Method, protocol: str, users: Users) -> list[Record]:
         """Every question metric (and multi-turn efficacy in the single protocol) for every preference."""
         rows, meta = [], []
         multiturn = [n for n in self.config.turns if n > 0] if protocol == "single" else []
@@ -97,30 +129,32 @@ class Harness:
                     rows.append((user, pref.question, n))
                     meta.append((user, pref, MULTITURN))
         answers = self.generate(method, rows, f"{method.name}/{protocol}: answers")
-        for (user, pref, metric), (_, question, turns), gen in zip(meta, rows, answers):
-            self.records.append(Record(
-                protocol, method.name, user, pref.id, metric, turns, question, pref.target, gen.text,
-                target_hit(gen.text, pref.target), overlap(gen.text, pref.target), word_match(gen.text, pref.target),
-                gen.seconds))
+        return [Record(protocol, method.name, user, pref.id, metric, turns, question, pref.target, gen.text,
+                       target_hit(gen.text, pref.target), overlap(gen.text, pref.target),
+                       word_match(gen.text, pref.target), gen.seconds)
+                for (user, pref, metric), (_, question, turns), gen in zip(meta, rows, answers)]
 
-    def locality(self, method: Method, protocol: str, users: Users) -> None:
+    def locality(self, method: Method, protocol: str, users: Users) -> list[Record]:
         """For sampled users: is each neutral prompt's / other question's greedy output unchanged?"""
         sample = spread(list(users), self.config.locality_users)
         probes = [(u, q, "locality_neutral") for u in sample for q in self.neutral]
         probes += [(u, q, "locality_other") for u in sample for q in other_questions(users, u)]
         if not probes:
-            return
+            return []
         reference = self.generate(method, [(None, q, 0) for _, q, _ in probes], f"{method.name}/{protocol}: reference")
         requests = [self._chat(method, u, q) for u, q, _ in probes]
         unchanged = greedy_unchanged(method.model, method.tokenizer, [c for c, _ in requests],
                                      [g.ids for g in reference], [a for _, a in requests] if method.routed else None,
                                      batch_size=self.config.batch_size,
                                      desc=f"{method.name}/{protocol}: locality" if self.config.progress else None)
-        for (user, question, metric), ref, same in zip(probes, reference, unchanged):
-            self.records.append(Record(protocol, method.name, user, "", metric, 0, question, "", ref.text, same))
+        return [Record(protocol, method.name, user, "", metric, 0, question, "", ref.text, same)
+                for (user, question, metric), ref, same in zip(probes, reference, unchanged)]
 
     # ---------------------------------------------------------------------------------------------- run
-    def run_method(self, name: str, protocol: str, users: Users) -> None:
+    def run_job(self, name: str, protocol: str) -> JobResult:
+        """Personalize ``protocol``'s users with method ``name``, then answer every question and check locality."""
+        users = self.protocols[protocol]
+        job = JobResult(name, protocol)
         clock: dict[str, tuple[float, float]] = {}  # stage → (wall, process CPU) at its start
 
         def mark(stage: str) -> None:
@@ -128,30 +162,35 @@ class Harness:
 
         mark("load")
         method = build_method(name, self.config)
-        if self.pairs is None and any(n > 0 for n in self.config.turns):
-            self.pairs = model_distractors(method.model, method.tokenizer, batch_size=self.config.batch_size)
+        self.distractors(method)
         mark("personalize")
         with PeakMemory() as memory:
             method.personalize(users)
         mark("questions")
-        self.questions(method, protocol, users)
+        job.records = self.questions(method, protocol, users)
         mark("locality")
-        self.locality(method, protocol, users)
+        job.records += self.locality(method, protocol, users)
         mark("end")
         stages = list(clock)
-        for kind, store in ((0, self.timings), (1, self.cpu)):
-            store[f"{name}/{protocol}"] = {s: round(clock[t][kind] - clock[s][kind], 3)
-                                           for s, t in zip(stages, stages[1:])}
+        job.wall, job.cpu = ({s: round(clock[t][kind] - clock[s][kind], 3) for s, t in zip(stages, stages[1:])}
+                             for kind in (0, 1))
         seconds = clock["questions"][0] - clock["personalize"][0]
         first = next(iter(users))
         stored = method.adapter_bytes(first)
-        self.costs.append({
+        job.cost = {
             "protocol": protocol, "method": name, "users": len(users), "preferences": sum(map(len, users.values())),
             "seconds": round(seconds, 3), "seconds_per_user": seconds / len(users),
-            "cpu_seconds": self.cpu[f"{name}/{protocol}"]["personalize"],
-            "peak_rss_mb": round(memory.peak_mb, 1), "rss_delta_mb": round(memory.delta_mb, 1),
-            "adapter_bytes": stored, "adapter_bytes_per_preference": stored / len(users[first]), **method.info})
+            "cpu_seconds": job.cpu["personalize"], "peak_rss_mb": round(memory.peak_mb, 1),
+            "rss_delta_mb": round(memory.delta_mb, 1),
+            "adapter_bytes": stored, "adapter_bytes_per_preference": stored / len(users[first]), **method.info}
         method.close()
+        return job
+
+    def add(self, job: JobResult) -> None:
+        """Keep a finished job's records, cost and timings."""
+        self.records += job.records
+        self.costs.append(job.cost)
+        self.timings[job.key], self.cpu[job.key] = job.wall, job.cpu
 
     def judge(self) -> None:
         """Replace the overlap-based ``semantic`` column by an LLM judge's verdicts."""
@@ -165,9 +204,17 @@ class Harness:
 
     def run(self) -> dict:
         start, cpu = time.perf_counter(), time.process_time()
-        jobs = [(m, p) for m in self.config.methods for p in self.protocols]
-        for name, protocol in tqdm(jobs, desc="methods", disable=not self.config.progress):
-            self.run_method(name, protocol, self.protocols[protocol])
+        if self.config.workers > 1 and len(self.jobs) > 1:
+            from .workers import run_in_workers
+
+            finished = {job.key: job for job in run_in_workers(self)}
+            cpu -= sum(sum(job.cpu.values()) for job in finished.values()  # workers' CPU counts too
+                       if job.process != os.getpid())
+            for name, protocol in self.jobs:  # table order, whichever finished first
+                self.add(finished[f"{name}/{protocol}"])
+        else:
+            for name, protocol in tqdm(self.jobs, desc="methods", disable=not self.config.progress):
+                self.add(self.run_job(name, protocol))
         if self.config.judge:
             clock = time.perf_counter()
             self.judge()
@@ -180,7 +227,9 @@ class Harness:
             "semantic_scorer": f"judge:{self.config.judge}" if self.config.judge else "word_overlap>=0.5",
             "locality_prompts_held_out": min(len(self.neutral), HELD_OUT_PROMPTS),
             "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine()},
+                            "threads": torch.get_num_threads(), "workers": self.config.workers,
+                            "threads_per_worker": max(1, torch.get_num_threads() // self.config.workers),
+                            "cpus": os.cpu_count(), "machine": platform.machine()},
             "total_seconds": round(time.perf_counter() - start, 1),
             "total_cpu_seconds": round(time.process_time() - cpu, 1),
             "timings": self.timings,
