@@ -38,7 +38,7 @@ class EvalConfig:
         locality_prompts: neutral prompts in the locality set (the first ones: held out from calibration).
         lora_steps / lora_lr / lora_rank: the LoRA baseline (transformers.Trainer, loss on answer tokens).
         workers: processes that run the jobs (method × protocol), each with torch threads ÷ workers; 2 on a
-            2-core CPU finishes the full comparison ~1.4× sooner than 1 (:mod:`.workers`). Needs ~2.5 GB each.
+            2-core CPU keeps both cores busy (:mod:`.workers`). Each needs ~2.5 GB for SmolLM2-135M.
     """
 
     data: str | os.PathLike = "upqa_balanced100"

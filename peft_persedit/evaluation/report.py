@@ -12,6 +12,15 @@ from .config import METHODS
 from .metrics import LOCALITY_METRICS, MULTITURN, QUESTION_METRICS
 
 
+def _processes(environment: dict) -> str:
+    """``"2 torch threads"``, or ``"2 worker processes × 1 torch thread, base in the main process (2)"``."""
+    workers = environment.get("workers", 1)
+    if workers > 1:
+        return (f"{workers} worker processes × {environment['threads_per_worker']} torch thread(s), base in the "
+                f"main process ({environment['threads']})")
+    return f"{environment['threads']} torch threads"
+
+
 def _cell(exact: float | None, semantic: float | None = None) -> str:
     def fmt(x: float | None) -> str:
         return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
@@ -66,8 +75,8 @@ def markdown(results: dict) -> str:
         f"data `{results['data']}` ({results['items']} items, limit {config['limit']}), model "
         f"`{config['model'] or 'embedded SmolLM2-135M-Instruct'}`, turns {config['turns']}, "
         f"max_new_tokens {config['max_new_tokens']}, LoRA {config['lora_steps']} steps lr {config['lora_lr']} "
-        f"rank {config['lora_rank']}; total {results['total_seconds']:.0f} s "
-        f"({results['environment']['threads']} torch threads).", "",
+        f"rank {config['lora_rank']}; total {results['total_seconds']:.0f} s ({_processes(results['environment'])}).",
+        "",
         f"Cells: exact (target substring) / semantic ({scorer}). Locality: share of greedy outputs unchanged "
         f"(the first {config['locality_prompts']} neutral prompts, {results['locality_prompts_held_out']} of them "
         f"held out from gate calibration; other users' questions about other attributes), averaged over "

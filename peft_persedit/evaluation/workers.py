@@ -3,7 +3,8 @@
 One process with T torch threads leaves cores idle on this workload: a LoRA training step of SmolLM2-135M
 on one 40-token sequence takes 0.32 s on 1 thread and still 0.28 s on 2, and greedy decoding of 32 rows
 8.4 s vs 5.6 s. W processes with ⌊T / W⌋ threads each run independent jobs side by side instead (measured
-on 2 cores: 1.6× the training and 1.3× the decoding throughput of one 2-thread process).
+on 2 cores: 1.6× the training and 1.3× the decoding throughput of one 2-thread process, the same for long
+prefills).
 
 The base method's jobs run first, in this process: they fill the cache of unpersonalized generations
 (and the distractor turns) that every worker then starts from. The rest go to a spawn-context
