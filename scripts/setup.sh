@@ -7,7 +7,13 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 venv="${PERSEDIT_VENV:-.venv}"
-python3 -m venv "$venv"
+here="$(python3 -c 'import sys; print(sys.version)')"
+if [ -x "$venv/bin/python" ] && [ "$("$venv/bin/python" -c 'import sys; print(sys.version)' 2>/dev/null)" != "$here" ]; then
+    echo "setup.sh: $venv was made by another Python; recreating it with $(command -v python3)"
+    python3 -m venv --clear "$venv"  # upgrading in place would mix one interpreter with another's stdlib
+else
+    python3 -m venv "$venv"
+fi
 # shellcheck disable=SC1091
 source "$venv/bin/activate"
 python -m pip install --quiet torch==2.13.0
