@@ -38,7 +38,8 @@ class EvalConfig:
         locality_prompts: neutral prompts in the locality set (the first ones: held out from calibration).
         lora_steps / lora_lr / lora_rank: the LoRA baseline (transformers.Trainer, loss on answer tokens).
         workers: processes that run the jobs (method × protocol), each with torch threads ÷ workers; 2 on a
-            2-core CPU keeps both cores busy (:mod:`.workers`). Each needs ~2.5 GB for SmolLM2-135M.
+            2-core CPU keeps both cores busy (:mod:`.workers`). Each needs ~2.5 GB for SmolLM2-135M. Workers
+            are spawned: a script calling :func:`evaluate` with workers > 1 needs ``if __name__ == "__main__":``.
     """
 
     data: str | os.PathLike = "upqa_balanced100"
