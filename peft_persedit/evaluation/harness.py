@@ -53,6 +53,7 @@ class JobResult:
     wall: dict[str, float] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
     process: int = field(default_factory=os.getpid)  # the process that ran it
+    threads: int = field(default_factory=torch.get_num_threads)  # its torch threads
 
     @property
     def key(self) -> str:
@@ -204,12 +205,12 @@ class Harness:
 
     def run(self) -> dict:
         start, cpu = time.perf_counter(), time.process_time()
+        elsewhere: list[JobResult] = []  # jobs run in worker processes
         if self.config.workers > 1 and len(self.jobs) > 1:
             from .workers import run_in_workers
 
             finished = {job.key: job for job in run_in_workers(self)}
-            cpu -= sum(sum(job.cpu.values()) for job in finished.values()  # workers' CPU counts too
-                       if job.process != os.getpid())
+            elsewhere = [job for job in finished.values() if job.process != os.getpid()]
             for name, protocol in self.jobs:  # table order, whichever finished first
                 self.add(finished[f"{name}/{protocol}"])
         else:
@@ -228,10 +229,12 @@ class Harness:
             "locality_prompts_held_out": min(len(self.neutral), HELD_OUT_PROMPTS),
             "environment": {"python": platform.python_version(), "torch": torch.__version__,
                             "threads": torch.get_num_threads(), "workers": self.config.workers,
-                            "threads_per_worker": max(1, torch.get_num_threads() // self.config.workers),
+                            "threads_per_worker": min((job.threads for job in elsewhere),
+                                                      default=torch.get_num_threads()),
                             "cpus": os.cpu_count(), "machine": platform.machine()},
             "total_seconds": round(time.perf_counter() - start, 1),
-            "total_cpu_seconds": round(time.process_time() - cpu, 1),
+            "total_cpu_seconds": round(time.process_time() - cpu  # this process's, and the workers'
+                                       + sum(sum(job.cpu.values()) for job in elsewhere), 1),
             "timings": self.timings,
             "cpu_seconds": self.cpu,
             "summary": summarize(self.records),

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .harness import Harness, JobResult
 
 #: Relative wall time of a job by method (UPQA, SmolLM2 on CPU); a grouped job costs ~0.8 of a single one.
-JOB_WEIGHT = {"representation": 4.0, "lora": 3.0, "rome": 2.0, "persedit": 1.5, "ice": 1.2, "dpl": 1.0, "base": 0.5}
+JOB_WEIGHT = {"representation": 4.0, "lora": 3.0, "rome": 2.0, "persedit": 1.5, "ice": 1.2, "dpl": 1.0}
 
 _harness: Harness | None = None  # the worker process's own harness
 
@@ -63,9 +63,9 @@ def run_in_workers(harness: Harness) -> list[JobResult]:
             bar.update()
     harness.distractors()
     rest = sorted((job for job in harness.jobs if job[0] != "base"), key=lambda job: -job_weight(*job))
-    workers = min(config.workers, len(rest))
-    threads = max(1, torch.get_num_threads() // max(1, workers))
     if rest:
+        workers = min(config.workers, len(rest))
+        threads = max(1, torch.get_num_threads() // workers)
         pool = multiprocessing.get_context("spawn").Pool(
             workers, initializer=_start_worker, initargs=(config, harness.pairs, harness.cache, threads))
         try:
