@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import platform
 import time
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
@@ -24,12 +26,14 @@ from ..prompts import load_prompt_set
 from .config import EvalConfig
 from .distractors import Pair, history, load_fillers, model_distractors
 from .generation import BASE, Chat, Generation, generate_chats, greedy_unchanged, make_chat
+from .jobs import JobResult
 from .judge import JudgeItem, LLMJudge
 from .memory import PeakMemory
 from .methods import Method, build_method
 from .metrics import MULTITURN, QUESTION_METRICS, Record, summarize
 from .scoring import overlap, target_hit, word_match
 from .users import Users, grouped_users, round_robin, single_users, spread
+from .workers import run_in_workers
 
 
 def other_questions(users: Users, user: str) -> list[str]:
@@ -42,38 +46,24 @@ def other_questions(users: Users, user: str) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-@dataclass
-class JobResult:
-    """What one job (method × protocol) produced: its records, cost row and stage seconds (wall and CPU)."""
-
-    method: str
-    protocol: str
-    records: list[Record] = field(default_factory=list)
-    cost: dict = field(default_factory=dict)
-    wall: dict[str, float] = field(default_factory=dict)
-    cpu: dict[str, float] = field(default_factory=dict)
-    process: int = field(default_factory=os.getpid)  # the process that ran it
-    threads: int = field(default_factory=torch.get_num_threads)  # its torch threads
-
-    @property
-    def key(self) -> str:
-        return f"{self.method}/{self.protocol}"
-
-
 class Harness:
     """State shared across jobs: data, users per protocol, distractor turns, the reference cache."""
 
-    def __init__(self, config: EvalConfig) -> None:
+    def __init__(self, config: EvalConfig, pairs: list[Pair] | None = None,
+                 cache: dict[Chat, Generation] | None = None) -> None:
+        """``pairs`` / ``cache``: distractor turns and unpersonalized generations to start from (a worker's)."""
         self.config = config
         self.prefs: list[Preference] = round_robin(load_preferences(dataset_path(config.data)), config.limit)
-        self.pairs: list[Pair] | None = load_fillers(config.fillers) if config.fillers else None
+        if pairs is None and config.fillers:
+            pairs = load_fillers(config.fillers)
+        self.pairs: list[Pair] | None = pairs
         self.protocols: dict[str, Users] = {}
         for protocol in config.protocols:
             users = single_users(self.prefs) if protocol == "single" else grouped_users(self.prefs, config.group_size)
             if users:
                 self.protocols[protocol] = users
         self.neutral = load_prompt_set("neutral_prompts")[: config.locality_prompts]
-        self.cache: dict[Chat, Generation] = {}  # unpersonalized generations, by chat
+        self.cache: dict[Chat, Generation] = cache if cache is not None else {}  # unpersonalized, by chat
         self.records: list[Record] = []
         self.costs: list[dict] = []
         self.timings: dict[str, dict[str, float]] = {}  # job → stage → wall seconds
@@ -92,6 +82,11 @@ class Harness:
             self.pairs = model_distractors(method.model, method.tokenizer, batch_size=self.config.batch_size)
             if owned:
                 method.close()
+
+    def worker_factory(self) -> Callable[[], Harness]:
+        """A picklable recipe for a worker process's harness: this config (one process, no progress bars), and
+        this harness's distractor turns and cache to start from."""
+        return partial(Harness, replace(self.config, workers=1, progress=False), self.pairs, self.cache)
 
     # ---------------------------------------------------------------------------------------- generation
     def _chat(self, method: Method, user: str | None, question: str, turns: int = 0) -> tuple[Chat, str | None]:
@@ -207,8 +202,6 @@ class Harness:
         start, cpu = time.perf_counter(), time.process_time()
         elsewhere: list[JobResult] = []  # jobs run in worker processes
         if self.config.workers > 1 and len(self.jobs) > 1:
-            from .workers import run_in_workers
-
             finished = {job.key: job for job in run_in_workers(self)}
             elsewhere = [job for job in finished.values() if job.process != os.getpid()]
             for name, protocol in self.jobs:  # table order, whichever finished first

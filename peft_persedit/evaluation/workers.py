@@ -16,35 +16,29 @@ workers) with its error.
 from __future__ import annotations
 
 import multiprocessing
-from dataclasses import replace
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-if TYPE_CHECKING:
-    from .generation import Chat, Generation
-    from .harness import Harness, JobResult
+from .jobs import JobResult, JobRunner
 
 #: Relative wall time of a job by method (UPQA, SmolLM2 on CPU); a grouped job costs ~0.8 of a single one.
 JOB_WEIGHT = {"representation": 4.0, "lora": 3.0, "rome": 2.0, "persedit": 1.5, "ice": 1.2, "dpl": 1.0}
 
-_harness: Harness | None = None  # the worker process's own harness
+_runner: JobRunner | None = None  # the worker process's own harness
 
 
-def _start_worker(config, pairs, cache: dict[Chat, Generation], threads: int) -> None:
-    """Worker initializer: torch threads, and a harness that starts from the parent's distractors and cache."""
-    global _harness
-    from .harness import Harness
-
+def _start_worker(factory: Callable[[], JobRunner], threads: int) -> None:
+    """Worker initializer: torch threads, and the harness ``factory`` builds (from the parent's shared state)."""
+    global _runner
     torch.set_num_threads(threads)
-    _harness = Harness(replace(config, workers=1, progress=False))
-    _harness.pairs, _harness.cache = pairs, cache
+    _runner = factory()
 
 
 def _run_job(job: tuple[str, str]) -> JobResult:
-    assert _harness is not None, "worker not initialized"
-    return _harness.run_job(*job)
+    assert _runner is not None, "worker not initialized"
+    return _runner.run_job(*job)
 
 
 def job_weight(name: str, protocol: str) -> float:
@@ -52,7 +46,7 @@ def job_weight(name: str, protocol: str) -> float:
     return JOB_WEIGHT.get(name, 1.0) * (1.0 if protocol == "single" else 0.8)
 
 
-def run_in_workers(harness: Harness) -> list[JobResult]:
+def run_in_workers(harness: JobRunner) -> list[JobResult]:
     """Every job of ``harness``: base jobs here, the others in ``config.workers`` processes; in finishing order."""
     config = harness.config
     bar = tqdm(total=len(harness.jobs), desc="methods", disable=not config.progress)
@@ -67,7 +61,7 @@ def run_in_workers(harness: Harness) -> list[JobResult]:
         workers = min(config.workers, len(rest))
         threads = max(1, torch.get_num_threads() // workers)
         pool = multiprocessing.get_context("spawn").Pool(
-            workers, initializer=_start_worker, initargs=(config, harness.pairs, harness.cache, threads))
+            workers, initializer=_start_worker, initargs=(harness.worker_factory(), threads))
         try:
             for job in pool.imap_unordered(_run_job, rest):  # chunksize 1: handed out in ``rest`` order
                 done.append(job)
