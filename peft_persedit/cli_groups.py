@@ -37,13 +37,25 @@ def add_group_commands(sub: argparse._SubParsersAction) -> None:
     ask.set_defaults(func=cmd_group_ask)
 
 
+def check_group_out(out: Path) -> None:
+    """Refuse, before any work, an ``--out`` that is a file or a non-empty folder not written by ``group``."""
+    from .groups import INDEX
+
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is an existing file, not a directory; refusing to replace it")
+    if out.is_dir() and any(out.iterdir()) and not (out / INDEX).is_file():
+        raise FileExistsError(f"{out} is a non-empty folder not written by 'persedit group' (no {INDEX}); "
+                              "refusing to write into it: choose a new or empty folder")
+
+
 def cmd_group(args: argparse.Namespace) -> int:
     from . import PersonalizationEditConfig
-    from .cli import _load_base
+    from .cli_adapters import load_base
     from .groups import build_group_adapters, group_users, load_users, used_groups
 
+    check_group_out(Path(args.out))
     users = load_users(args.users)
-    base, tokenizer = _load_base(args.model)
+    base, tokenizer = load_base(args.model)
     plan = group_users(users, args.groups, model=base, tokenizer=tokenizer, embedding=args.embedding,
                        representatives=args.representatives, share=args.share, seed=args.seed)
     config = PersonalizationEditConfig(layers_to_transform=args.layers, gate=args.gate)
@@ -62,11 +74,11 @@ def cmd_group(args: argparse.Namespace) -> int:
 
 
 def cmd_group_ask(args: argparse.Namespace) -> int:
-    from .cli import _load_base
+    from .cli_adapters import load_base
     from .editing.verify import answer_questions
     from .groups import load_group_adapters
 
-    base, tokenizer = _load_base(args.model, Path(args.dir) / "users" / args.user)
+    base, tokenizer = load_base(args.model, Path(args.dir) / "users" / args.user)
     pm, index = load_group_adapters(base, args.dir, users=[args.user])
     route = [index["users"][args.user]["adapter_names"]] * len(args.question)
     for answer in answer_questions(pm, tokenizer, args.question, route, max_new_tokens=args.max_new_tokens):

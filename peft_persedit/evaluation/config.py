@@ -21,6 +21,33 @@ def parse_list(text: str | list | tuple, kind: type = str) -> list:
     return [kind(p.strip()) if isinstance(p, str) else kind(p) for p in parts if str(p).strip()]
 
 
+def parse_turns(text: str | list | tuple) -> list[int]:
+    """Distractor-turn counts: ``"2,0,2"`` → ``[0, 2]`` (sorted, unique, each ≥ 0)."""
+    try:
+        turns = sorted(set(parse_list(text, int)))
+    except (TypeError, ValueError):
+        raise ValueError(f"turns must be comma-separated integers ≥ 0, got {text!r}") from None
+    if any(n < 0 for n in turns):
+        raise ValueError(f"turns must be ≥ 0, got {turns}")
+    return turns
+
+
+def _is_path(value: str | os.PathLike) -> bool:
+    """A value meant as a file rather than a dataset name: a path object, a '/' in it, or a .json/.jsonl name."""
+    text = os.fspath(value)
+    return isinstance(value, os.PathLike) or "/" in text or os.sep in text or text.endswith((".json", ".jsonl"))
+
+
+def _check_paths(config: EvalConfig) -> None:
+    """Fail before any work: a data or fillers file that does not exist, an ``out`` that is a file."""
+    for name in ("data", "fillers"):
+        value = getattr(config, name)
+        if value is not None and (name == "fillers" or _is_path(value)) and not Path(value).is_file():
+            raise FileNotFoundError(f"{name} file not found: {os.fspath(value)}")
+    if Path(config.out).exists() and not Path(config.out).is_dir():
+        raise FileExistsError(f"out {os.fspath(config.out)!r} is an existing file, not a directory")
+
+
 @dataclass
 class EvalConfig:
     """Settings of one evaluation run (see ``persedit eval --help``).
@@ -67,7 +94,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         self.methods = parse_list(self.methods)
         self.protocols = parse_list(self.protocols)
-        self.turns = sorted(set(parse_list(self.turns, int)))
+        self.turns = parse_turns(self.turns)
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown method(s) {unknown or '(none given)'}; choose from {', '.join(METHODS)}")
@@ -75,14 +102,13 @@ class EvalConfig:
         if bad or not self.protocols:
             raise ValueError(f"unknown protocol(s) {bad or '(none given)'}; choose from {', '.join(PROTOCOLS)}")
         self.methods = [m for m in METHODS if m in self.methods]
-        if any(n < 0 for n in self.turns):
-            raise ValueError(f"turns must be ≥ 0, got {self.turns}")
         for name in ("limit", "group_size", "max_new_tokens", "batch_size", "lora_steps", "lora_rank", "workers"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {value}")
         if self.locality_users < 0 or self.locality_prompts < 0:
             raise ValueError("locality_users and locality_prompts must be ≥ 0")
+        _check_paths(self)
 
     @property
     def out_dir(self) -> Path:

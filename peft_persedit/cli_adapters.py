@@ -1,0 +1,187 @@
+"""Adapter directories for the ``persedit`` CLI: check ``--out`` before work, load, save safely, forget, update.
+
+Saving never deletes or renames a path it did not create: the adapter is saved into a temp sibling folder, then
+each file written there is moved into place with ``os.replace`` (atomic per file; ``adapter_config.json`` last).
+Other files in the adapter folder (a README.md or notes of the user's) are left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from .editing.report import EditReport, PreferenceResult
+from .loading import CONFIG_NAME, check_adapter_dir
+from .preferences import Preference
+
+REPORT_NAME = "edit_report.json"
+
+
+def writable_adapter_dir(out: str | os.PathLike) -> bool:
+    """Check ``--out`` before any work: ``False`` when free (absent or an empty folder), ``True`` when it is a
+    PERSEDIT adapter to extend; anything else (a file, a folder of other things, another adapter type) raises."""
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return False
+    if not out.is_dir():
+        raise FileExistsError(f"{out} is an existing file, not an adapter directory; refusing to replace it")
+    if not any(out.iterdir()):
+        return False
+    if not (out / CONFIG_NAME).is_file():
+        raise FileExistsError(f"{out} is a non-empty folder that is not a PERSEDIT adapter (no {CONFIG_NAME}); "
+                              "refusing to write into it: choose a new or empty folder")
+    check_adapter_dir(out)
+    return True
+
+
+def held_preferences(path: Path) -> list[Preference]:
+    """The preferences a saved adapter holds (read from its ``adapter_config.json``; no model loaded)."""
+    from .editing.editor import preferences_from_entries
+
+    return preferences_from_entries(json.loads((path / CONFIG_NAME).read_text()).get("preferences", []))
+
+
+def load_base(model: str | None, adapter_dir: Path | None = None):
+    """``(model, tokenizer)``: ``model``, else the adapter's local base folder, else the embedded SmolLM2."""
+    from .default_model import load_default_model
+
+    if model is None and adapter_dir is not None:
+        base = json.loads((adapter_dir / CONFIG_NAME).read_text()).get("base_model_name_or_path")
+        if base and Path(base).is_dir():
+            model = base
+    return load_default_model(model)
+
+
+def load_adapter(path: Path, model: str | None):
+    """``(peft_model, tokenizer)`` for the PERSEDIT adapter at ``path`` on its base (or ``model``)."""
+    from .loading import from_pretrained
+
+    check_adapter_dir(path)
+    base, tokenizer = load_base(model, path)
+    return from_pretrained(base, path, is_trainable=False), tokenizer
+
+
+def merged_report(out: Path, report: EditReport, drop: Iterable[str] = ()) -> EditReport:
+    """``report`` after the still-held results of ``out``'s old report (minus ``drop`` and re-edited ids)."""
+    gone = set(drop) | {r.id for r in report.results}
+    kept: list[PreferenceResult] = []
+    if (out / REPORT_NAME).is_file():
+        try:
+            entries = json.loads((out / REPORT_NAME).read_text()).get("results", [])
+            known = PreferenceResult.__dataclass_fields__
+            kept = [PreferenceResult(**{k: v for k, v in r.items() if k in known}) for r in entries
+                    if r.get("id") not in gone]
+        except (ValueError, TypeError, AttributeError):
+            kept = []  # an unreadable old report: only the new results are known
+    return EditReport(kept + report.results, report.timings, verified=report.verified)
+
+
+def save_adapter(peft_model, out: str | os.PathLike, report: EditReport | None = None,
+                 drop: Iterable[str] = ()) -> None:
+    """Save the adapter (and ``report`` merged into the old ``edit_report.json``) into ``out``; see the module
+    docstring. A failure while saving leaves ``out`` as it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".new", dir=out.parent))
+    try:
+        peft_model.save_pretrained(tmp)
+        if report is not None:
+            merged_report(out, report, drop).save(str(tmp / REPORT_NAME))
+        out.mkdir(exist_ok=True)
+        written = sorted((p for p in tmp.rglob("*") if p.is_file()), key=lambda p: (p.name == CONFIG_NAME, str(p)))
+        for src in written:
+            dest = out / src.relative_to(tmp)
+            if src.name == "README.md" and dest.exists():
+                continue  # peft's model card never replaces a README that is already there
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pick(held: list[Preference], tokens: list[str], path: Path) -> list[Preference]:
+    """The held preferences named by id (or, failing that, by subject) in ``tokens``."""
+    chosen: dict[str, Preference] = {}
+    for token in tokens:
+        hits = [h for h in held if h.id == token] or [h for h in held if h.subject.casefold() == token.casefold()]
+        if not hits:
+            holds = ", ".join(f"{h.id} ({h.subject})" for h in held) or "nothing"
+            raise ValueError(f"{path} holds no preference with id or subject {token!r}; it holds: {holds}")
+        chosen.update((h.id, h) for h in hits)
+    return list(chosen.values())
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from .editing import PersonalizationEditor
+
+    path = check_adapter_dir(args.adapter)
+    gone = _pick(held_preferences(path), args.ids, path)
+    peft_model, tokenizer = load_adapter(path, args.model)
+    editor = PersonalizationEditor(peft_model, tokenizer)
+    for pref in gone:
+        editor.forget(pref.id)
+    save_adapter(peft_model, path, EditReport([], verified=False), drop=[p.id for p in gone])
+    for pref in gone:
+        print(f"forgot [{pref.id}] {pref.subject}: {pref.question} → {pref.target}")
+    print(f"saved adapter with {len(editor.preferences)} preferences to {path}")
+    return 0
+
+
+def update_preferences(args: argparse.Namespace) -> list[Preference]:
+    """``--preferences FILE``, or the one preference given by ``--subject/--question/--target``."""
+    from .preferences import load_preferences
+
+    single = [args.subject, args.question, args.target]
+    given = [v is not None for v in single]
+    if (args.preferences is None) != all(given) or (args.preferences is not None and any(given)):
+        raise ValueError("update needs --preferences FILE, or all of --subject, --question and --target")
+    return load_preferences(args.preferences) if args.preferences else [Preference(*single)]
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    from .cli import edit_options
+    from .editing import PersonalizationEditor
+    from .editing.editor import find_conflicts
+
+    path = check_adapter_dir(args.adapter)
+    held = held_preferences(path)
+    new = [p for p in update_preferences(args) if p not in held]
+    if not new:
+        print(f"nothing to update: {path} already holds these preferences; left unchanged")
+        return 0
+    same_id = [h for h in held if h.id in {p.id for p in new}]
+    replaced = list({h.id: h for h in same_id + [h for _, h in find_conflicts(new, held)]}.values())
+    peft_model, tokenizer = load_adapter(path, args.model)
+    editor = PersonalizationEditor(peft_model, tokenizer)
+    report = editor.update(new, **edit_options(args))
+    save_adapter(peft_model, path, report, drop=[h.id for h in replaced])
+    print(report)
+    for old in replaced:
+        print(f"replaced [{old.id}] {old.subject} → {old.target}")
+    print(f"saved adapter with {len(editor.preferences)} preferences to {path}")
+    return 0
+
+
+def add_adapter_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``forget`` and ``update`` on the ``persedit`` subcommand parser."""
+    from .cli import EPILOG, add_edit_options
+
+    forget = sub.add_parser("forget", help="remove preferences (by id or subject) from an adapter", epilog=EPILOG)
+    forget.add_argument("adapter", help="adapter directory")
+    forget.add_argument("ids", nargs="+", metavar="ID_OR_SUBJECT", help="preference ids or subjects (see 'show')")
+    forget.add_argument("--model", help="base model (default: the adapter's base, else embedded SmolLM2)")
+    forget.set_defaults(func=cmd_forget)
+    update = sub.add_parser("update", help="replace preferences (same id or subject) in an adapter, or add them",
+                            epilog=EPILOG)
+    update.add_argument("adapter", help="adapter directory")
+    update.add_argument("--preferences", help="preference file (any format edit reads)")
+    update.add_argument("--subject", help="one preference: its subject (attribute type), e.g. 'hobby'")
+    update.add_argument("--question", help="one preference: a question containing the subject")
+    update.add_argument("--target", help="one preference: the new answer")
+    add_edit_options(update)
+    update.set_defaults(func=cmd_update)
