@@ -1,15 +1,47 @@
 """peft-persedit: LLM personalization as model editing, shipped as the PEFT adapter type ``PERSEDIT``.
 
-Importing this package registers ``PeftType.PERSEDIT`` with peft (idempotent).
+Importing this package registers ``PeftType.PERSEDIT`` with peft (idempotent). An installed package also does
+that whenever peft is imported (``peft_persedit_hook.pth``), so peft's loaders work without this import.
 """
 
 from __future__ import annotations
 
-from .config import PersonalizationEditConfig
-from .layer import PersEditLayer, PersEditLinear
-from .loading import from_pretrained
-from .model import PersEditModel
-from .registration import PERSEDIT, register
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _map_source_tree_kernels() -> None:
+    """Import ``peft_persedit.kernels`` from the top-level ``kernels/`` of a source tree that is not installed.
+
+    Installs map it there themselves (pyproject's ``package-dir``); a checkout used through ``PYTHONPATH``, or
+    a copy whose editable install points elsewhere, gets the same mapping here.
+    """
+    name = f"{__name__}.kernels"
+    folder = Path(__file__).resolve().parent.parent / "kernels"
+    if name in sys.modules or importlib.util.find_spec(name) is not None:
+        return
+    if not ((folder / "__init__.py").exists() and (folder.parent / "pyproject.toml").exists()):
+        return  # not a source tree: let the import fail where the kernels are used
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+
+
+_map_source_tree_kernels()
+
+from .config import PersonalizationEditConfig  # noqa: E402
+from .layer import PersEditLayer, PersEditLinear  # noqa: E402
+from .loading import from_pretrained  # noqa: E402
+from .model import PersEditModel  # noqa: E402
+from .registration import PERSEDIT, register  # noqa: E402
 
 register()
 
@@ -19,19 +51,32 @@ __all__ = [
     "PersEditLinear",
     "PersEditModel",
     "PersonalizationEditConfig",
+    "PersonalizationEditor",
+    "Preference",
     "from_pretrained",
     "load_default_model",
+    "load_preferences",
 ]
 
+_LAZY = {  # name: submodule that defines it (imported on first access: the editing engine is heavier)
+    "load_default_model": "default_model",
+    "DEFAULT_MODEL_NAME": "default_model",
+    "PersonalizationEditor": "editing",
+    "Preference": "preferences",
+    "load_preferences": "preferences",
+    "group_users": "groups",
+    "build_group_adapters": "groups",
+    "load_group_adapters": "groups",
+    "dpl_context": "groups",
+}
 
-def __getattr__(name: str):
-    """Lazily expose the heavier parts (default model, editing engine, preferences)."""
-    if name in ("load_default_model", "DEFAULT_MODEL_NAME"):
-        from . import default_model
 
-        return getattr(default_model, name)
-    if name in ("group_users", "build_group_adapters", "load_group_adapters", "dpl_context"):
-        from . import groups
-
-        return getattr(groups, name)
+def __getattr__(name: str) -> Any:
+    """Lazily expose the heavier parts (default model, editing engine, preferences, groups)."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'peft_persedit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -20,7 +20,7 @@ else
 fi
 
 lint_paths=()
-for path in peft_persedit tests benchmarks; do
+for path in peft_persedit kernels tests benchmarks setup.py _peft_persedit_hook.py; do
     if [ -e "$path" ]; then lint_paths+=("$path"); fi
 done
 ruff check "${lint_paths[@]}"
