@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from peft.config import PeftConfig
+from peft.utils import CONFIG_NAME
 
 from .registration import PERSEDIT
+from .saving import save_dir_file_atomically
 
 #: model_type → the MLP output projection that edits attach to (suffix matched by peft).
 TARGET_MODULES_BY_MODEL_TYPE: dict[str, list[str]] = {
@@ -50,6 +52,9 @@ class PersonalizationEditConfig(PeftConfig):
         trainable: which bank tensors receive gradients (subset of ``A``, ``B``, ``keys``, ``shift``).
         init_clusters / init_rank: clusters created empty-keyed at injection (they always fire, B = 0, so
             the model is unchanged) — a LoRA-like start for training with :class:`transformers.Trainer`.
+        init_weights: ``True`` starts the initial clusters as the identity (B = 0); ``False`` draws their A and
+            B at random from torch's global generator, so the adapter changes the output from the start (what
+            peft's tuners do with ``init_weights=False``; for tests). No effect without ``init_clusters``.
     """
 
     target_modules: list[str] | str | None = field(
@@ -70,6 +75,8 @@ class PersonalizationEditConfig(PeftConfig):
     )
     init_clusters: int = field(default=0, metadata={"help": "Always-on clusters created at injection."})
     init_rank: int = field(default=8, metadata={"help": "Rank of each initial cluster."})
+    init_weights: bool = field(default=True, metadata={
+        "help": "True: initial clusters have B = 0 (identity start); False: random B (as peft tuners' False)."})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra modules to train and save."})
     # editing engine (see peft_persedit.editing); saved with the adapter so edits are reproducible
     key_token: Literal["subject_last", "prompt_last"] = field(
@@ -122,6 +129,11 @@ class PersonalizationEditConfig(PeftConfig):
             raise ValueError(f"false_fire_rate must be in (0, 1), got {self.false_fire_rate}")
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("layers_pattern is only used together with layers_to_transform")
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """peft's config save, committed atomically (temp file + ``os.replace``; see :mod:`.saving`)."""
+        save = super().save_pretrained
+        save_dir_file_atomically(lambda folder: save(folder, **kwargs), save_directory, CONFIG_NAME)
 
 
 def saved_bank_sizes(config: PersonalizationEditConfig) -> dict[str, list[int]]:

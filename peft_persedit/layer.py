@@ -21,6 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import PersonalizationEditConfig, saved_bank_sizes
 from .kernels import EditBank, PackedBank, gated_edit, pack_banks
+from .validation import LAYOUT, check_state_dict_bank
 
 BASE_ADAPTER = "__base__"
 _FLOAT_TENSORS = ("keys", "A", "B", "shift")  # ParameterDicts (trainability is a config choice)
@@ -80,7 +81,8 @@ class PersEditLayer(BaseTunerLayer):
             self.persedit_sizes[adapter][self.persedit_key] = sizes
 
     def update_layer(self, adapter_name: str, config: PersonalizationEditConfig, **kwargs: Any) -> None:
-        """Create an empty bank for ``adapter_name`` (or ``init_clusters`` always-on clusters with B = 0)."""
+        """Create an empty bank for ``adapter_name`` (or ``init_clusters`` always-on clusters: B = 0, or random
+        A and B with ``init_weights=False``)."""
         if adapter_name == BASE_ADAPTER:
             raise ValueError(f"{BASE_ADAPTER!r} is reserved for 'no edit' in mixed batches; pick another name")
         self.persedit_gate[adapter_name] = (config.gate, float(config.gate_temperature))
@@ -92,15 +94,18 @@ class PersEditLayer(BaseTunerLayer):
         self.resize_bank(adapter_name, *(saved or (0, 0, 0)), device=device, dtype=dtype)
         if config.init_clusters and not saved:
             n, r = config.init_clusters, config.init_rank
-            generator = torch.Generator().manual_seed(0)
+            # identity start: B = 0 and a reproducible A; init_weights=False: both random (torch's global RNG)
+            generator = torch.Generator().manual_seed(0) if config.init_weights else None
             A = torch.randn(n * r, self.in_features, generator=generator) / self.in_features**0.5
+            B = torch.zeros(self.out_features, n * r) if config.init_weights else torch.randn(
+                self.out_features, n * r) / (n * r) ** 0.5
             self.add_clusters(
                 adapter_name,
                 keys=torch.zeros(0, self.in_features),
                 key_cluster=torch.zeros(0, dtype=torch.long),
                 tau=torch.full((n,), float("-inf")),  # τ = −∞: always fires
                 A=A,
-                B=torch.zeros(self.out_features, n * r),
+                B=B,
                 rank_cluster=torch.arange(n).repeat_interleave(r),
             )
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -301,7 +306,7 @@ def _pack(banks: list[EditBank]) -> PackedBank:
 
 
 def _resize_banks_before_load(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    """Load-state-dict pre-hook: size each adapter's bank to the saved tensors (clusters may be 0 … many)."""
+    """Load-state-dict pre-hook: check each adapter's saved bank, then size the bank to it (0 … many clusters)."""
     if not isinstance(module, PersEditLayer):
         return
     for adapter in list(module.persedit_A.keys()):
@@ -311,16 +316,11 @@ def _resize_banks_before_load(module: nn.Module, state_dict: dict, prefix: str, 
         rank = state_dict[a_key].shape[0] if a_key in state_dict else module.persedit_A[adapter].shape[0]
         num_keys = state_dict[keys_key].shape[0] if keys_key in state_dict else module.num_keys(adapter)
         num_clusters = state_dict[tau_key].shape[0] if tau_key in state_dict else module.num_clusters(adapter)
-        d_in, d_out = module.in_features, module.out_features
-        for name, dim, expected in (("A", -1, d_in), ("keys", -1, d_in), ("center", -1, d_in), ("B", 0, d_out),
-                                    ("shift", -1, d_out)):
-            key = f"{prefix}persedit_{name}.{adapter}"
-            if key in state_dict and state_dict[key].ndim and state_dict[key].shape[dim] != expected:
-                raise ValueError(
-                    f"size mismatch for {key}: the checkpoint's tensor has shape {tuple(state_dict[key].shape)}, "
-                    f"but this model's layer has d_in={d_in}, d_out={d_out} (was the adapter made for another "
-                    "base model?)"
-                )
+        key_of = {name: f"{prefix}persedit_{name}.{adapter}" for name in LAYOUT}
+        check_state_dict_bank(  # shapes, indices and finiteness, before anything is copied in
+            {name: state_dict[key] for name, key in key_of.items() if key in state_dict},
+            {"K": num_keys, "C": num_clusters, "R": rank, "in": module.in_features, "out": module.out_features},
+            key_of)
         if [num_keys, num_clusters, rank] != [module.num_keys(adapter), module.num_clusters(adapter),
                                               module.persedit_A[adapter].shape[0]]:
             module.resize_bank(adapter, num_keys, num_clusters, rank)

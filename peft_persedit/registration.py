@@ -40,13 +40,20 @@ PERSEDIT: PeftType = add_enum_member(PeftType, NAME.upper(), NAME.upper())
 
 
 def register() -> None:
-    """Register config and tuner classes for ``PeftType.PERSEDIT`` with peft (no-op when already done)."""
+    """Register config and tuner classes for ``PeftType.PERSEDIT`` with peft (no-op when already done).
+
+    Also installs, idempotently: atomic adapter saves (:mod:`.saving`), load errors that name the file
+    (:mod:`.validation`) and private-by-default pushes of adapters holding preferences (:mod:`.privacy`).
+    """
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 
+    from . import privacy, saving, validation
     from .config import PersonalizationEditConfig
     from .model import PersEditModel
 
+    for module in (saving, validation, privacy):
+        module.install()
     if PEFT_TYPE_TO_TUNER_MAPPING.get(PERSEDIT) is PersEditModel:
         return
     if PERSEDIT in PEFT_TYPE_TO_TUNER_MAPPING:  # registered by an earlier (reloaded) copy of this package
