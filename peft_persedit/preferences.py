@@ -11,6 +11,14 @@ Formats understood by :func:`load_preferences` (detected per item):
 
 Every error is a :class:`PreferenceError` with a one-line message naming the file, the item (0-based) and
 the field, e.g. ``upqa.json: item 3: field 'target' is empty``.
+
+Length limits (characters; module constants, read whenever a :class:`Preference` is made, so they can be
+raised by assigning e.g. ``peft_persedit.preferences.MAX_TARGET_CHARS = 2000``): a target is the short answer
+an edit makes the model say, and the cost of making the edit grows with its token count (a 10,000-character
+target took 23 min and 10.6 GB in the values step), so ``target``/``targets`` ≤ :data:`MAX_TARGET_CHARS`;
+``question``/``questions`` and the optional questions ≤ :data:`MAX_QUESTION_CHARS`; ``subject``/``synonyms`` (a
+phrase inside the question) ≤ :data:`MAX_SUBJECT_CHARS`. The bundled UPQA and PrefEval data stay below 60, 170
+and 30 characters.
 """
 
 from __future__ import annotations
@@ -24,7 +32,15 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Preference", "PreferenceError", "load_preferences", "save_preferences"]
+__all__ = ["MAX_QUESTION_CHARS", "MAX_SUBJECT_CHARS", "MAX_TARGET_CHARS", "Preference", "PreferenceError",
+           "load_preferences", "save_preferences"]
+
+#: longest ``target`` / ``targets`` entry accepted, in characters
+MAX_TARGET_CHARS = 512
+#: longest ``question`` / ``questions`` entry / optional question accepted, in characters
+MAX_QUESTION_CHARS = 1000
+#: longest ``subject`` / ``synonyms`` entry accepted, in characters
+MAX_SUBJECT_CHARS = 200
 
 
 class PreferenceError(ValueError):
@@ -45,6 +61,24 @@ _OPTIONAL = ("id", "text", "paraphrased_question", "implicit_question", "product
 
 def _type_name(value: Any) -> str:
     return type(value).__name__
+
+
+def _too_long(pref: Preference) -> str | None:
+    """What exceeds a length limit in ``pref`` (its fields already validated and stripped), or None."""
+    limits = {"MAX_TARGET_CHARS": (MAX_TARGET_CHARS, ("target", "targets")),
+              "MAX_QUESTION_CHARS": (MAX_QUESTION_CHARS, ("question", "questions", "paraphrased_question",
+                                                          "implicit_question", "product_question")),
+              "MAX_SUBJECT_CHARS": (MAX_SUBJECT_CHARS, ("subject", "synonyms"))}
+    for constant, (limit, names) in limits.items():
+        for name in names:
+            value = getattr(pref, name)
+            entries = enumerate(value) if isinstance(value, tuple) else [(None, value)]
+            for i, entry in entries:
+                if entry is not None and len(entry) > limit:
+                    where = f"{name!r}" + (f"[{i}]" if i is not None else "")
+                    return (f"field {where} is {len(entry):,} characters long; the limit is {limit:,} "
+                            f"(peft_persedit.preferences.{constant})")
+    return None
 
 
 @dataclass(frozen=True)
@@ -68,7 +102,11 @@ class Preference:
     product_question: str | None = None
 
     def __post_init__(self) -> None:
-        label = f"preference {self.id.strip()!r}" if isinstance(self.id, str) and self.id.strip() else "preference"
+        label = "preference"
+        if isinstance(self.id, str) and self.id.strip():
+            label = f"preference {self.id.strip()!r}"
+        elif isinstance(self.subject, str) and self.subject.strip():
+            label = f"preference (subject {self.subject.strip()[:40]!r})"
 
         def fail(detail: str) -> None:
             raise PreferenceError(f"{label}: {detail}", detail)
@@ -103,6 +141,8 @@ class Preference:
         if self.targets and len(self.targets) != len(self.questions):
             fail(f"field 'targets' must be empty or parallel to 'questions' ({len(self.targets)} vs "
                  f"{len(self.questions)})")
+        if (detail := _too_long(self)) is not None:
+            fail(detail)
         if self.id is None:
             key = f"{self.subject}\n{self.question}\n{self.target}\n{self.text}"
             object.__setattr__(self, "id", hashlib.sha1(key.encode()).hexdigest()[:10])

@@ -249,3 +249,35 @@ def test_prompt_set_shapes() -> None:
     with pytest.raises(ValueError, match="unknown prompt set"):
         load_prompt_set("nope")
     assert set(PROMPT_SETS) == {"neutral_prompts", "distractor_questions", "context_prefixes"}
+
+
+# ------------------------------------------------------------------------------------------ length limits
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"target": "x" * 10_000}, r"field 'target' is 10,000 characters long; the limit is 512 "
+                               r"\(peft_persedit.preferences.MAX_TARGET_CHARS\)"),
+    ({"question": "Q" * 1001}, r"field 'question' is 1,001 characters long; the limit is 1,000 .*MAX_QUESTION_CHARS"),
+    ({"questions": ("Q1", "Q" * 2000)}, r"field 'questions'\[1\] is 2,000 characters long"),
+    ({"questions": ("Q1",), "targets": ("t" * 513,)}, r"field 'targets'\[0\] is 513 characters long"),
+    ({"implicit_question": "Q" * 1001}, r"field 'implicit_question' is 1,001 characters"),
+    ({"subject": "s" * 201}, r"field 'subject' is 201 characters long; the limit is 200 .*MAX_SUBJECT_CHARS"),
+])
+def test_length_limits(kwargs: dict, pattern: str) -> None:
+    base = {"subject": "hobby", "question": "What's my hobby?", "target": "Dancing", "id": "p1"}
+    with pytest.raises(PreferenceError, match=rf"preference 'p1': {pattern}"):
+        Preference(**{**base, **kwargs})
+
+
+def test_length_limits_name_file_item_and_can_be_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    item = {"subject": "hobby", "question": "What's my hobby?", "target": "x" * 600}
+    path = tmp_path / "prefs.json"
+    path.write_text(json.dumps([{**item, "target": "Dancing"}, item]))
+    with pytest.raises(PreferenceError, match=r"prefs.json: item 1: field 'target' is 600 characters long; the "
+                                              r"limit is 512"):
+        load_preferences(path)
+    with pytest.raises(PreferenceError, match=r"preference \(subject 'hobby'\): field 'target' is 600"):
+        Preference(**item)
+    monkeypatch.setattr("peft_persedit.preferences.MAX_TARGET_CHARS", 1000)
+    assert len(load_preferences(path)[1].target) == 600
+    assert len(Preference("s", "q", "t" * 512).target) == 512  # the limits are inclusive
