@@ -36,7 +36,7 @@ from .config import PersonalizationEditConfig, default_layers
 from .editing.chat import encode, pad_id
 from .editing.clusters import kmeans
 from .editing.report import EditReport
-from .editing.representation import Texts, span_means, statement
+from .editing.texts import Texts, span_means, statement
 from .preferences import Preference, PreferenceError, _read_items, load_preferences
 
 __all__ = ["GroupPlan", "build_group_adapters", "dpl_context", "group_users", "load_group_adapters", "load_users",
@@ -213,7 +213,7 @@ def build_group_adapters(model: PreTrainedModel | PeftModel, tokenizer: PreTrain
         raise ValueError(f"adapter names already taken: {sorted(clash)}")
     editor = PersonalizationEditor(pm, tokenizer, adapter_name=template, progress=progress)
     for name in [*groups, *plan.user_preferences]:
-        editor._ensure_adapter(name)  # users whose preferences all live in the group still get an (empty) adapter
+        editor.ensure_adapter(name)  # users whose preferences all live in the group still get an (empty) adapter
     jobs = {**{g: plan.group_preferences[g] for g in groups}, **plan.user_preferences}
     report = editor.edit_users(jobs, verify=verify, method=method, **options)
     pm.eval()
@@ -293,8 +293,3 @@ def dpl_context(user: str, users_prefs: dict[str, list[Preference]], plan: Group
         if prefs:
             lines += [head] + [f"- {statement(p)}" for p in prefs[:max_items]]
     return "\n".join(lines)
-
-
-def dpl_contexts(users_prefs: dict[str, list[Preference]], plan: GroupPlan, max_items: int = 8) -> dict[str, str]:
-    """:func:`dpl_context` for every user."""
-    return {u: dpl_context(u, users_prefs, plan, max_items) for u in users_prefs}

@@ -7,9 +7,9 @@ Each preference becomes one cluster in every edit layer of its adapter; entry k 
 from __future__ import annotations
 
 import copy
-import time
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from peft import PeftModel
@@ -20,12 +20,12 @@ from ..preferences import Preference
 from .apply import add_preference_clusters, set_missing_centers
 from .chat import chat_text, encode, pad_id, subject_token_index
 from .clusters import cluster_members, model_synonyms
-from .gate import calibrate, cluster_max_scores, leaked_inputs, own_subject_mask
+from .gate import GateCalibration, calibrate, cluster_max_scores, leaked_inputs, own_subject_mask
 from .keys import cluster_keys, layer_inputs
-from .report import EditReport, PreferenceResult
+from .report import EditReport, PreferenceResult, StageTimer
 from .selftext import context_prefixes
 from .solve import solve_clusters
-from .statistics import layer_stats
+from .statistics import LayerStats, layer_stats
 from .values import ValueRequest, optimize_values
 from .verify import answer_questions, target_hit
 
@@ -43,6 +43,19 @@ def find_conflicts(new: Iterable[Preference], held: Iterable[Preference]) -> lis
     held = list(held)
     return [(p, h) for p in new for h in held if p.id != h.id and p.subject.casefold() == h.subject.casefold()
             and p.target.casefold() != h.target.casefold()]
+
+
+@dataclass
+class _Negatives:
+    """Question + answer token sequences used as gate negatives: token t belongs to sequence ``token_owner[t]``,
+    ``is_subject[t]``: t is a subject key token of this call's own question; ``same_question`` [P, C], sequence
+    p's question is one of cluster c's questions; ``same_adapter`` [P, C], p is held by c's adapter."""
+
+    answered: list[list[int]]
+    token_owner: torch.Tensor
+    is_subject: torch.Tensor
+    same_question: torch.Tensor
+    same_adapter: torch.Tensor
 
 
 class PersonalizationEditor:
@@ -79,12 +92,20 @@ class PersonalizationEditor:
         """The preferences ``adapter`` holds (see :attr:`preferences`)."""
         return preferences_from_entries(self.model.peft_config[adapter].preferences)
 
-    def _ensure_adapter(self, adapter: str) -> None:
+    def adapter_config(self, init_clusters: int | None = None):
+        """A copy of this adapter's config for a new, empty adapter: no preferences, no (saved) bank sizes — a
+        loaded template's must not size the new bank — and ``init_clusters`` when given."""
+        config = copy.deepcopy(self.config)
+        config.preferences, config.bank_sizes = [], {}
+        config._saved_bank_sizes = {}
+        if init_clusters is not None:
+            config.init_clusters = init_clusters
+        return config
+
+    def ensure_adapter(self, adapter: str) -> None:
+        """Add ``adapter`` (an empty one, configured as this editor's) unless the model has it."""
         if adapter not in self.model.peft_config:
-            config = copy.deepcopy(self.config)
-            config.preferences, config.bank_sizes = [], {}
-            config._saved_bank_sizes = {}  # a loaded template's bank sizes must not size the new, empty bank
-            self.model.add_adapter(adapter, config)
+            self.model.add_adapter(adapter, self.adapter_config())
 
     # ------------------------------------------------------------------------------------------ editing
     def edit(self, preferences: Iterable[Preference], verify: bool = True, method: str = "rome",
@@ -137,32 +158,22 @@ class PersonalizationEditor:
             from .representation import edit_representation
 
             return edit_representation(self, jobs, verify=verify, **options)
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
-
-        def lap(stage: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            timings[stage] = timings.get(stage, 0.0) + now - clock
-            clock = now
-
+        lap = StageTimer()
         if not jobs:
-            return EditReport([], timings)
+            return EditReport([], lap.timings)
         was_training = self.model.training
         self.model.eval()
         try:
             pre = (answer_questions(self.model, self.tokenizer, [p.question for _, p in jobs],
                                     ["__base__"] * len(jobs)) if verify else [""] * len(jobs))
             lap("verify_before")
-            members = self._members(jobs)
+            members = self.members(jobs)
             lap("clusters")
-            with self.model.disable_adapter():
-                contexts = [""] + context_prefixes(self.model, self.tokenizer, self.config.contexts)
-                stats = layer_stats(self.model, self.tokenizer, self.modules) if self.config.mom2 == "self" else None
+            contexts, stats = self.key_contexts(), self.neutral_stats()
             lap("statistics")
             values = self._values(jobs, members)
             lap("values")
-            taus = self._apply(jobs, members, contexts, values.deltas, stats, lap)
+            taus, fires = self._edit_layers(jobs, members, contexts, values.deltas, stats, lap)
             post = answer_questions(self.model, self.tokenizer, [p.question for _, p in jobs],
                                     [a for a, _ in jobs]) if verify else [""] * len(jobs)
             lap("verify_after")
@@ -172,15 +183,15 @@ class PersonalizationEditor:
             PreferenceResult(adapter=a, id=p.id, question=p.question, target=p.target, answer_before=b,
                              answer_after=after, hit_before=target_hit(b, p.target),
                              hit_after=target_hit(after, p.target), tau=taus[i], value_nll=float(values.final_nll[i]),
-                             cluster_size=len(members[i]))
+                             cluster_size=len(members[i]), false_fire=fires[i])
             for i, ((a, p), b, after) in enumerate(zip(jobs, pre, post))
         ]
-        return EditReport(results, timings, verified=verify)
+        return EditReport(results, lap.timings, verified=verify)
 
     def _check_jobs(self, jobs: list[Job]) -> None:
         """Create missing adapters; refuse ids already held, warn about a second target for a held subject."""
         for adapter, pref in jobs:
-            self._ensure_adapter(adapter)
+            self.ensure_adapter(adapter)
             held = self.held_preferences(adapter)
             if pref.id in {h.id for h in held}:
                 raise ValueError(f"adapter {adapter!r} already holds preference {pref.id!r}; use update()")
@@ -189,8 +200,8 @@ class PersonalizationEditor:
                               f"{pref.target!r} is added beside it (use update() to replace it)", stacklevel=4)
 
     # ---------------------------------------------------------------------------------------- the steps
-    def _members(self, jobs: list[Job]) -> list[list[tuple[str, str]]]:
-        """Cluster questions per job (synonyms asked of the base model when none are given)."""
+    def members(self, jobs: list[Job]) -> list[list[tuple[str, str]]]:
+        """Cluster (question, subject) pairs per job (synonyms asked of the base model when none are given)."""
         need = [p.subject for _, p in jobs if not p.questions and self.config.synonyms]
         synonyms: dict[str, list[str]] = {}
         if need:
@@ -198,16 +209,40 @@ class PersonalizationEditor:
                 synonyms = model_synonyms(self.model, self.tokenizer, need, self.config.synonyms)
         return [cluster_members(p, synonyms.get(p.subject)) for _, p in jobs]
 
-    def _prompt(self, question: str, subject: str, context: str, name: str) -> tuple[list[int], int]:
+    def key_contexts(self) -> list[str]:
+        """Contexts of the keys: "" (the bare prompt), then the base model's self-generated prefixes."""
+        with self.model.disable_adapter():
+            return [""] + context_prefixes(self.model, self.tokenizer, self.config.contexts)
+
+    def neutral_stats(self) -> dict[str, LayerStats] | None:
+        """With mom2="self", each edit layer's input statistics (μ, C, samples) from the base model; else None."""
+        if self.config.mom2 != "self":
+            return None
+        with self.model.disable_adapter():
+            return layer_stats(self.model, self.tokenizer, self.modules)
+
+    def key_prompt(self, question: str, subject: str, context: str, name: str) -> tuple[list[int], int]:
+        """Token ids of chat(context ⊕ question) and the index of its key token (in ``subject``)."""
         text_q = f"{context} {question}".strip()
         text = chat_text(self.tokenizer, text_q)
         index = subject_token_index(self.tokenizer, text, question, subject, self.config.key_token, name)
         return encode(self.tokenizer, text), index
 
+    def key_prompts(self, jobs: list[Job], members: list[list[tuple[str, str]]], contexts: list[str]
+                    ) -> tuple[list[tuple[list[int], int]], torch.Tensor]:
+        """Every job's key prompts, job × question × context in order, and the job each belongs to."""
+        prompts, owner = [], []
+        for i, ((_, pref), cluster) in enumerate(zip(jobs, members)):
+            for q, s in cluster:
+                for ctx in contexts:
+                    prompts.append(self.key_prompt(q, s, ctx, pref.id))
+                    owner.append(i)
+        return prompts, torch.tensor(owner, dtype=torch.long)
+
     def _values(self, jobs: list[Job], members: list[list[tuple[str, str]]]):
         requests = []
         for (adapter, pref), cluster in zip(jobs, members):
-            prompts = [self._prompt(q, s, "", pref.id) for q, s in cluster[: self.config.value_questions]]
+            prompts = [self.key_prompt(q, s, "", pref.id) for q, s in cluster[: self.config.value_questions]]
             kl_ids = encode(self.tokenizer, f"{pref.subject} is a")
             subject_end = len(encode(self.tokenizer, pref.subject)) - 1
             requests.append(ValueRequest(prompts, encode(self.tokenizer, pref.target), (kl_ids, subject_end), adapter))
@@ -222,69 +257,76 @@ class PersonalizationEditor:
         return [(adapter, p) for adapter in dict.fromkeys(adapters) for p in self.held_preferences(adapter)
                 if p.id not in exclude]
 
-    def _apply(self, jobs: list[Job], members: list[list[tuple[str, str]]], contexts: list[str],
-               deltas: torch.Tensor, stats, lap) -> list[float]:
-        """Per layer in order (later keys see earlier edits): keys → gate → solve (preserving what the gate lets
-        through) → apply."""
-        modules = self.modules
-        share = 1.0 / len(modules)
-        pad = pad_id(self.tokenizer)
-        adapters = [a for a, _ in jobs]
-        prompts, owner = [], []
-        for i, ((_, pref), cluster) in enumerate(zip(jobs, members)):
-            for q, s in cluster:
-                for ctx in contexts:
-                    prompts.append(self._prompt(q, s, ctx, pref.id))
-                    owner.append(i)
-        owner_t = torch.tensor(owner)
-        # negatives: every token of each question + its answer — this call's and those the adapters already hold
-        # (a new cluster must not fire on an earlier preference) — except subject tokens of the cluster's own questions
+    def _negatives(self, jobs: list[Job], members: list[list[tuple[str, str]]]) -> _Negatives:
+        """Every token of each question + its answer — this call's and those the adapters already hold (a new
+        cluster must not fire on an earlier preference) — with what the gate needs to mask them per cluster."""
         answered, subject_pos, negative_jobs = [], [], []
         for (adapter, pref), cluster in zip(jobs, members):
-            ids, index = self._prompt(pref.question, cluster[0][1], "", pref.id)
+            ids, index = self.key_prompt(pref.question, cluster[0][1], "", pref.id)
             answered.append(ids + encode(self.tokenizer, pref.target))
             subject_pos.append(index)
             negative_jobs.append((adapter, pref))
-        for adapter, pref in self._held(adapters, {p.id for _, p in jobs}):
+        for adapter, pref in self._held([a for a, _ in jobs], {p.id for _, p in jobs}):
             ids = encode(self.tokenizer, chat_text(self.tokenizer, pref.question))
             answered.append(ids + encode(self.tokenizer, pref.target))
             subject_pos.append(-1)  # held questions are never this call's own: every token is a negative
             negative_jobs.append((adapter, pref))
         token_owner = torch.cat([torch.full((len(t),), j) for j, t in enumerate(answered)])
         token_pos = torch.cat([torch.arange(len(t)) for t in answered])
-        is_subject = token_pos == torch.tensor(subject_pos)[token_owner]
         same_question = torch.tensor([[other.question in {q for q, _ in cluster} for cluster in members]
                                       for _, other in negative_jobs], dtype=torch.bool)  # [P, C]
         # only a leak into the cluster's own adapter (or neutral text) can disturb it: rows are routed by adapter
-        same_adapter = torch.tensor([[a == b for b in adapters] for a, _ in negative_jobs], dtype=torch.bool)
-        taus: list[float] = [0.0] * len(jobs)
-        for name, module in modules.items():
+        same_adapter = torch.tensor([[a == b for b, _ in jobs] for a, _ in negative_jobs], dtype=torch.bool)
+        return _Negatives(answered, token_owner, token_pos == torch.tensor(subject_pos)[token_owner], same_question,
+                          same_adapter)
+
+    def _gate(self, module: PersEditLinear, stats: LayerStats | None, x: torch.Tensor, owner: torch.Tensor,
+              keys: list[torch.Tensor], answers: torch.Tensor, negatives: _Negatives, adapters: list[str]
+              ) -> tuple[GateCalibration, list[torch.Tensor] | None]:
+        """τ per cluster from its key inputs ``x`` against the neutral samples and the ``answers`` token inputs,
+        and the negatives the gate still lets through (None with gate="none": nothing to preserve)."""
+        center = stats.mean if stats is not None else torch.zeros(module.in_features)
+        set_missing_centers(module, adapters, center)
+        unit = [torch.nn.functional.normalize(k - center, dim=-1) for k in keys]
+        positives = [cluster_max_scores(x[owner == i], center, [unit[i]])[:, 0] for i in range(len(adapters))]
+        neutral = stats.samples if stats is not None else torch.zeros(0, module.in_features)
+        neg_inputs = torch.cat([neutral, answers])
+        neg_scores = cluster_max_scores(neg_inputs, center, unit)
+        usable = own_subject_mask(neutral.shape[0], negatives.token_owner, negatives.is_subject,
+                                  negatives.same_question)
+        calibration = calibrate(positives, neg_scores, self.config.false_fire_rate, usable)
+        if self.config.gate == "none":  # ungated deltas fire everywhere: plain ROME/MEMIT
+            return calibration, None
+        own_adapter = usable & torch.cat([torch.ones(neutral.shape[0], len(adapters), dtype=torch.bool),
+                                          negatives.same_adapter[negatives.token_owner]])
+        return calibration, leaked_inputs(neg_inputs, neg_scores, own_adapter, calibration.tau,
+                                          self.config.preserve_leaks)
+
+    def _edit_layers(self, jobs: list[Job], members: list[list[tuple[str, str]]], contexts: list[str],
+                     deltas: torch.Tensor, stats: dict[str, LayerStats] | None, lap: StageTimer
+                     ) -> tuple[list[float], list[float]]:
+        """Per layer in order (later keys see earlier edits): keys → gate → solve (preserving what the gate lets
+        through, each layer δ_i / L) → apply. Returns the last layer's τ and false-fire rate per job."""
+        pad, share = pad_id(self.tokenizer), 1.0 / len(self.modules)
+        adapters = [a for a, _ in jobs]
+        prompts, owner = self.key_prompts(jobs, members, contexts)
+        negatives = self._negatives(jobs, members)
+        taus, fires = [0.0] * len(jobs), [0.0] * len(jobs)
+        for name, module in self.modules.items():
             x = layer_inputs(self.model, [module], [p[0] for p in prompts], pad, [p[1] for p in prompts],
                              desc=f"keys {name}" if self.progress else None)[0]
-            negatives = layer_inputs(self.model, [module], answered, pad)[0]
-            keys = cluster_keys(x, owner_t, [len(c) for c in members], len(contexts), self.config.max_keys_per_cluster)
+            answers = layer_inputs(self.model, [module], negatives.answered, pad)[0]
+            keys = cluster_keys(x, owner, [len(c) for c in members], len(contexts), self.config.max_keys_per_cluster)
             lap("keys")
-            center = stats[name].mean if stats is not None else torch.zeros(module.in_features)
-            set_missing_centers(module, adapters, center)
-            unit = [torch.nn.functional.normalize(k - center, dim=-1) for k in keys]
-            positives = [cluster_max_scores(x[owner_t == i], center, [unit[i]])[:, 0] for i in range(len(jobs))]
-            neutral = stats[name].samples if stats is not None else torch.zeros(0, module.in_features)
-            neg_inputs = torch.cat([neutral, negatives])
-            neg_scores = cluster_max_scores(neg_inputs, center, unit)
-            usable = own_subject_mask(neutral.shape[0], token_owner, is_subject, same_question)
-            calibration = calibrate(positives, neg_scores, self.config.false_fire_rate, usable)
-            leaks = None  # ungated deltas fire everywhere: plain ROME/MEMIT, nothing to preserve
-            if self.config.gate != "none":
-                own_adapter = usable & torch.cat([torch.ones(neutral.shape[0], len(jobs), dtype=torch.bool),
-                                                  same_adapter[token_owner]])
-                leaks = leaked_inputs(neg_inputs, neg_scores, own_adapter, calibration.tau, self.config.preserve_leaks)
+            stat = stats[name] if stats is not None else None
+            calibration, leaks = self._gate(module, stat, x, owner, keys, answers, negatives, adapters)
             lap("gate")
-            c_inv = stats[name].inverse() if stats is not None else None
+            c_inv = stat.inverse() if stat is not None else None
             A, B = solve_clusters(keys, deltas * share, c_inv, self.config.ridge, leaks)
             lap("solve")
             add_preference_clusters(module, adapters, keys, calibration.tau, A, B)
-            taus = calibration.tau.tolist()
+            taus, fires = calibration.tau.tolist(), calibration.false_fire.tolist()
             lap("apply")
         for adapter, pref in jobs:
             self.model.peft_config[adapter].preferences.append(pref.to_dict())
-        return taus
+        return taus, fires

@@ -3,8 +3,9 @@
     s⁺ = scores of the cluster's own key inputs (questions × contexts),  s⁻ = scores of neutral tokens
     (self-generated text, other preferences' prompts).   τ_c = ½ (q_{1−ρ}(s⁻) + min s⁺)
 
-with ρ the allowed false-fire rate. When the two overlap, τ_c = min s⁺ − 10⁻⁴ (efficacy first) and the
-expected false-fire rate is reported.
+with ρ the allowed false-fire rate. When the two overlap, τ_c = min s⁺ − 10⁻⁴ (efficacy first). The measured
+false-fire rate f_c = |{s⁻ ≥ τ_c}| / |s⁻| is reported per preference (``PreferenceResult.false_fire``, the last
+edit layer's) in the :class:`~.report.EditReport`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ import torch
 @dataclass
 class GateCalibration:
     tau: torch.Tensor  # [C]
-    positive_min: torch.Tensor
-    negative_high: torch.Tensor
-    false_fire: torch.Tensor  # share of negatives with s ≥ τ
+    false_fire: torch.Tensor  # [C] share of the (usable) negatives with s ≥ τ
 
 
 def cluster_max_scores(inputs: torch.Tensor, center: torch.Tensor, unit_keys: list[torch.Tensor]) -> torch.Tensor:
@@ -36,7 +35,7 @@ def calibrate(positive_scores: list[torch.Tensor], negative_scores: torch.Tensor
 
     ``negative_mask`` [N, C] excludes negatives that are legitimately this cluster's (e.g. the same question).
     """
-    taus, pos_mins, neg_highs, fires = [], [], [], []
+    taus, fires = [], []
     for c, pos in enumerate(positive_scores):
         neg = negative_scores[:, c]
         if negative_mask is not None:
@@ -45,11 +44,9 @@ def calibrate(positive_scores: list[torch.Tensor], negative_scores: torch.Tensor
         neg_high = torch.quantile(neg, 1 - false_fire_rate) if neg.numel() else torch.tensor(-1.0)
         tau = (neg_high + pos_min) / 2 if neg_high < pos_min else pos_min - 1e-4
         taus.append(tau)
-        pos_mins.append(pos_min)
-        neg_highs.append(neg_high)
         fires.append((neg >= tau).float().mean() if neg.numel() else torch.tensor(0.0))
     stack = lambda xs: torch.stack(xs) if xs else torch.zeros(0)  # noqa: E731
-    return GateCalibration(stack(taus), stack(pos_mins), stack(neg_highs), stack(fires))
+    return GateCalibration(stack(taus), stack(fires))
 
 
 def own_subject_mask(n_neutral: int, token_owner: torch.Tensor, is_subject: torch.Tensor,

@@ -1,9 +1,24 @@
-"""EditReport: what an edit did, per preference, with the time each pipeline stage took."""
+"""EditReport: what an edit did, per preference, with the time each pipeline stage took (:class:`StageTimer`)."""
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
+
+
+class StageTimer:
+    """Wall seconds per pipeline stage: ``lap(stage)`` adds the time since the previous lap (or the start) to
+    ``timings[stage]``, so a stage run once per layer sums over the layers."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self._clock
+        self._clock = now
 
 
 @dataclass
@@ -19,6 +34,7 @@ class PreferenceResult:
     tau: float
     value_nll: float
     cluster_size: int
+    false_fire: float = 0.0  # share of the gate's calibration negatives it fires on (last edit layer)
 
 
 @dataclass
@@ -37,6 +53,11 @@ class EditReport:
         return sum(r.hit_before for r in self.results) / max(1, len(self.results))
 
     @property
+    def false_fire(self) -> float:
+        """The highest measured gate false-fire rate over the preferences (0 when none)."""
+        return max((r.false_fire for r in self.results), default=0.0)
+
+    @property
     def total_seconds(self) -> float:
         return sum(self.timings.values())
 
@@ -53,4 +74,6 @@ class EditReport:
         head = f"{len(self.results)} preferences"
         if self.verified:
             head += f": efficacy {self.efficacy_before:.2f} → {self.efficacy:.2f}"
+        if self.false_fire > 0:
+            head += f", gate false-fire ≤ {self.false_fire:.3f}"
         return f"{head} in {self.total_seconds:.1f}s ({stages})"

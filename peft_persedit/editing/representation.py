@@ -21,30 +21,34 @@ engine's (``gate="keys"``: the preference's cluster questions × context prefixe
 calibrated against neutral self-generated text) or always on (``gate="always"``: τ = −∞). Its entry in
 ``config.preferences`` carries ``"kind": "representation"`` and the chosen ``"alpha"``, so it saves, loads,
 mixes in batches, trains (``trainable=["shift"]``) and is forgotten like every other edit.
+
+The gates live in :mod:`.representation_gates`, the text scoring (read-back, span means, log-likelihood) in
+:mod:`.texts`; the editor's public helpers (clusters, key prompts, contexts, statistics, adapter configs) are
+shared with the engine.
 """
 
 from __future__ import annotations
 
-import copy
 import re
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
 
 from ..preferences import Preference
 from ..prompts import load_prompt_set
-from .chat import chat_text, encode, pad_batch, pad_id
-from .clusters import kmeans
-from .gate import calibrate, cluster_max_scores
-from .keys import layer_inputs
-from .report import EditReport, PreferenceResult
-from .selftext import HELD_OUT_PROMPTS, context_prefixes, generate
-from .statistics import layer_stats
+from .chat import chat_text, pad_id
+from .report import EditReport, PreferenceResult, StageTimer
+from .representation_gates import ClusterGate, add_shift_cluster, always_on, cluster_centers, keyed_gates
+from .selftext import HELD_OUT_PROMPTS, generate
+from .texts import Texts, read_back, response_log_likelihood, span_means, statement
 from .verify import answer_questions, target_hit
+
+__all__ = ["SYSTEM_TEMPLATE", "ClusterGate", "RepresentationOptions", "Texts", "add_shift_cluster", "always_on",
+           "block_index", "choose_alpha", "edit_representation", "preference_shift", "read_back",
+           "response_log_likelihood", "statement"]
+
+Job = tuple[str, Preference]  # (adapter, preference)
 
 SYSTEM_TEMPLATE = "The user told you: \"{statement}\" Always keep this in mind and tailor your answer to this user."
 SCRATCH = "__repr_search_{}"
@@ -74,11 +78,6 @@ class RepresentationOptions:
             raise ValueError(f"gate must be 'keys' or 'always', got {self.gate!r}")
         if self.rank < 1 or self.fit_prompts + self.own_questions < 1 or not self.alphas:
             raise ValueError("need rank ≥ 1, at least one fitting prompt and at least one α candidate")
-
-
-def statement(pref: Preference) -> str:
-    """The preference in the user's words: ``text``, else "My {subject} is {target}."."""
-    return pref.text or f"My {pref.subject} is {pref.target}."
 
 
 def preference_shift(diffs: torch.Tensor, neutral: torch.Tensor | None = None, rank: int = 1) -> torch.Tensor:
@@ -111,145 +110,6 @@ def block_index(module_name: str) -> int:
     return int(numbers[-1])
 
 
-# ------------------------------------------------------------------------------------- scoring texts
-@dataclass
-class Texts:
-    """Prompt + response token ids; ``spans[i] = (a, b)``: positions a..b−1 predict the response tokens."""
-
-    sequences: list[list[int]]
-    spans: list[tuple[int, int]]
-
-
-def read_back(tokenizer, prompts: list[str], responses: list[str]) -> Texts:
-    """Each response after its prompt in the chat template (no system prompt), ending in eos."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    sequences, spans = [], []
-    for prompt, response in zip(prompts, responses):
-        head = encode(tokenizer, chat_text(tokenizer, prompt))
-        tail = tokenizer(response, add_special_tokens=False)["input_ids"] + eos
-        tail = tail or [pad_id(tokenizer)]
-        sequences.append(head + tail)
-        spans.append((len(head) - 1, len(head) + len(tail) - 1))
-    return Texts(sequences, spans)
-
-
-def _batches(model: nn.Module, texts: Texts, pad: int, batch_size: int, adapters: list[str] | None = None,
-             hidden: bool = False) -> Iterator[tuple[int, torch.Tensor, object]]:
-    """(first row, input ids, model output) per right-padded batch; rows routed through ``adapters``."""
-    device = next(model.parameters()).device
-    for start in range(0, len(texts.sequences), batch_size):
-        ids, mask = pad_batch(texts.sequences[start:start + batch_size], pad)
-        kwargs = {"adapter_names": adapters[start:start + batch_size]} if adapters is not None else {}
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=hidden, **kwargs)
-        yield start, ids.to(device), out
-
-
-@torch.no_grad()
-def span_means(model: nn.Module, texts: Texts, blocks: list[int], pad: int, batch_size: int = 16) -> list[torch.Tensor]:
-    """Per block l in ``blocks``: [N, d] means over each span of the residual stream after block l."""
-    out: list[list[torch.Tensor]] = [[] for _ in blocks]
-    for start, _, result in _batches(model, texts, pad, batch_size, hidden=True):
-        for slot, block in enumerate(blocks):
-            states = result.hidden_states[block + 1].float()
-            for row in range(states.shape[0]):
-                a, b = texts.spans[start + row]
-                out[slot].append(states[row, a:b].mean(0))
-    return [torch.stack(o) for o in out]
-
-
-@torch.no_grad()
-def response_log_likelihood(model: nn.Module, texts: Texts, pad: int, adapters: list[str] | None = None,
-                            batch_size: int = 16) -> torch.Tensor:
-    """[N] mean log p(response token | everything before it), row i through ``adapters[i]``."""
-    scores = []
-    for start, ids, result in _batches(model, texts, pad, batch_size, adapters):
-        logp = torch.log_softmax(result.logits.float(), dim=-1)
-        for row in range(ids.shape[0]):
-            a, b = texts.spans[start + row]
-            targets = ids[row, a + 1:b + 1]
-            scores.append(logp[row, a:b].gather(-1, targets[:, None]).mean())
-    return torch.stack(scores).cpu()
-
-
-# ------------------------------------------------------------------------------------------- gates
-@dataclass
-class ClusterGate:
-    """What decides where one preference's cluster fires in one layer: raw keys (may be none) and τ."""
-
-    keys: torch.Tensor
-    tau: float
-
-
-def always_on(d_in: int) -> ClusterGate:
-    return ClusterGate(torch.zeros(0, d_in), float("-inf"))
-
-
-def keyed_gates(editor, jobs: list[tuple[str, Preference]], neutral: Texts, centers: dict[str, list[torch.Tensor]]
-                ) -> dict[str, list[ClusterGate]]:
-    """Per edit module: keys (cluster questions at the key token, alone and averaged over context prefixes, k-means
-    compressed, as the engine's) and τ
-    (calibrated on all tokens of the neutral texts, plus the neutral corpus statistics with mom2="self")."""
-    pm, tokenizer, config = editor.model, editor.tokenizer, editor.config
-    modules = editor.modules
-    members = editor._members(jobs)
-    with pm.disable_adapter():
-        contexts = [""] + context_prefixes(pm, tokenizer, config.contexts)
-        stats = layer_stats(pm, tokenizer, modules) if config.mom2 == "self" else None
-        prompts = [editor._prompt(q, s, ctx, p.id)
-                   for (_, p), cluster in zip(jobs, members) for q, s in cluster for ctx in contexts]
-        pad = pad_id(tokenizer)
-        inputs = layer_inputs(pm, list(modules.values()), [ids for ids, _ in prompts], pad, [i for _, i in prompts])
-        negatives = layer_inputs(pm, list(modules.values()), neutral.sequences, pad)
-    counts = [len(cl) * len(contexts) for cl in members]
-    out: dict[str, list[ClusterGate]] = {}
-    for slot, name in enumerate(modules):
-        neg = negatives[slot] if stats is None else torch.cat([negatives[slot], stats[name].samples])
-        rows = inputs[slot].split(counts)
-        gates = []
-        for i, (x, cluster) in enumerate(zip(rows, members)):
-            center = centers[name][i]
-            rows = x.reshape(len(cluster), len(contexts), -1)  # the inference-format key and its context mean
-            keys = kmeans(torch.cat([rows[:, 0], rows.mean(1)]) if len(contexts) > 1 else rows[:, 0],
-                          config.max_keys_per_cluster)
-            unit = [torch.nn.functional.normalize(keys - center, dim=-1)]
-            positive = cluster_max_scores(x, center, unit)[:, 0]
-            tau = calibrate([positive], cluster_max_scores(neg, center, unit), config.false_fire_rate).tau[0]
-            gates.append(ClusterGate(keys, float(tau)))
-        out[name] = gates
-    return out
-
-
-def add_shift_cluster(module, adapter: str, gate: ClusterGate, shift: torch.Tensor) -> None:
-    """Append one rank-0 cluster (keys/τ of ``gate``, constant delta ``shift``) to ``adapter``'s bank."""
-    n_keys = gate.keys.shape[0]
-    module.add_clusters(
-        adapter, keys=gate.keys, key_cluster=torch.zeros(n_keys, dtype=torch.long), tau=torch.tensor([gate.tau]),
-        A=torch.zeros(0, module.in_features), B=torch.zeros(module.out_features, 0),
-        rank_cluster=torch.zeros(0, dtype=torch.long), shift=shift[None])
-
-
-def _centers(editor, jobs: list[tuple[str, Preference]]) -> dict[str, list[torch.Tensor]]:
-    """μ each job's cluster is scored with: its adapter's (fixed once keyed), else the neutral mean (mom2="self")."""
-    stats = None
-    if editor.config.mom2 == "self":
-        with editor.model.disable_adapter():
-            stats = layer_stats(editor.model, editor.tokenizer, editor.modules)
-    out = {}
-    for name, module in editor.modules.items():
-        fresh = stats[name].mean if stats is not None else torch.zeros(module.in_features)
-        out[name] = [module.persedit_center[a].detach().float().cpu() if module.num_keys(a) else fresh
-                     for a, _ in jobs]
-    return out
-
-
-def _scratch_config(config):
-    """A copy of ``config`` for an empty adapter (no preferences, no initial clusters, no saved bank sizes)."""
-    scratch = copy.deepcopy(config)
-    scratch.preferences, scratch.init_clusters, scratch.bank_sizes = [], 0, {}
-    scratch._saved_bank_sizes = {}
-    return scratch
-
-
 # --------------------------------------------------------------------------------------------- the edit
 @dataclass
 class _Samples:
@@ -261,7 +121,7 @@ class _Samples:
     neutral: dict[str, str]
 
 
-def _self_generate(editor, jobs: list[tuple[str, Preference]], opts: RepresentationOptions) -> _Samples:
+def _self_generate(editor, jobs: list[Job], opts: RepresentationOptions) -> _Samples:
     """Prompt sets per job and the base model's greedy responses with and without the preference."""
     generic = load_prompt_set("neutral_prompts")[HELD_OUT_PROMPTS:]
     fit, select = generic[:opts.fit_prompts], generic[opts.fit_prompts:opts.fit_prompts + opts.select_prompts]
@@ -303,7 +163,8 @@ def _directions(editor, samples: _Samples, opts: RepresentationOptions) -> dict[
 
 
 @torch.no_grad()
-def _search_alpha(editor, jobs, samples: _Samples, gates, shifts, centers, opts: RepresentationOptions
+def _search_alpha(editor, jobs: list[Job], samples: _Samples, gates: dict[str, list[ClusterGate]],
+                  shifts: dict[str, torch.Tensor], centers: dict[str, list[torch.Tensor]], opts: RepresentationOptions
                   ) -> tuple[list[float], list[float]]:
     """α* per job (see module docstring) and its mean held-out log-likelihood, each job in a scratch adapter."""
     pm, tokenizer = editor.model, editor.tokenizer
@@ -314,7 +175,7 @@ def _search_alpha(editor, jobs, samples: _Samples, gates, shifts, centers, opts:
     scores = torch.zeros(len(opts.alphas), len(jobs))
     try:
         for i, name in enumerate(scratch):
-            pm.add_adapter(name, _scratch_config(editor.config))
+            pm.add_adapter(name, editor.adapter_config(init_clusters=0))
             for module_name, module in editor.modules.items():
                 module.set_center(name, centers[module_name][i])
                 add_shift_cluster(module, name, gates[module_name][i], shifts[module_name][i])
@@ -333,68 +194,82 @@ def _search_alpha(editor, jobs, samples: _Samples, gates, shifts, centers, opts:
     return [float(opts.alphas[b]) for b in best], [float(scores[b, i]) for i, b in enumerate(best)]
 
 
-def edit_representation(editor, jobs: list[tuple[str, Preference]], verify: bool = True,
-                        options: RepresentationOptions | None = None, **kwargs) -> EditReport:
-    """Representation edits for (adapter, preference) jobs of a :class:`PersonalizationEditor` (batched).
+def _gates(editor, jobs: list[Job], samples: _Samples, opts: RepresentationOptions
+           ) -> tuple[dict[str, list[ClusterGate]], dict[str, list[torch.Tensor]]]:
+    """Per edit module and job: the cluster's gate (keyed on the neutral self-generations, or always on) and μ."""
+    stats = editor.neutral_stats()
+    centers = cluster_centers(editor, jobs, stats)
+    if opts.gate == "always":
+        return {name: [always_on(m.in_features)] * len(jobs) for name, m in editor.modules.items()}, centers
+    neutral = read_back(editor.tokenizer, list(samples.neutral), list(samples.neutral.values()))
+    return keyed_gates(editor, jobs, neutral, centers, stats), centers
+
+
+def _add_edits(editor, jobs: list[Job], gates: dict[str, list[ClusterGate]], shifts: dict[str, torch.Tensor],
+               centers: dict[str, list[torch.Tensor]], alphas: list[float], opts: RepresentationOptions) -> None:
+    """Each job's cluster with shift α* · s_l in every edit layer, and its entry in ``config.preferences``."""
+    for name, module in editor.modules.items():
+        for i, (adapter, _) in enumerate(jobs):
+            if opts.gate == "keys" and not module.num_keys(adapter):
+                module.set_center(adapter, centers[name][i])
+            add_shift_cluster(module, adapter, gates[name][i], alphas[i] * shifts[name][i])
+    for (adapter, pref), alpha in zip(jobs, alphas):
+        editor.model.peft_config[adapter].preferences.append(
+            {**pref.to_dict(), "kind": "representation", "alpha": alpha, "gate": opts.gate, "rank": opts.rank})
+
+
+def _answers(editor, jobs: list[Job], routed: bool) -> list[str]:
+    """Greedy answers to the jobs' questions, through their adapters (``routed``) or the base model."""
+    adapters = [a for a, _ in jobs] if routed else ["__base__"] * len(jobs)
+    return answer_questions(editor.model, editor.tokenizer, [p.question for _, p in jobs], adapters)
+
+
+def _check_jobs(editor, jobs: list[Job]) -> None:
+    """Create missing adapters; refuse a preference its adapter already holds."""
+    for adapter, pref in jobs:
+        editor.ensure_adapter(adapter)
+        if pref.id in {e["id"] for e in editor.model.peft_config[adapter].preferences}:
+            raise ValueError(f"adapter {adapter!r} already holds preference {pref.id!r}; forget it first")
+
+
+def edit_representation(editor, jobs: list[Job], verify: bool = True, options: RepresentationOptions | None = None,
+                        **kwargs) -> EditReport:
+    """Representation edits for (adapter, preference) jobs of a :class:`PersonalizationEditor` (batched):
+    self-generate → directions s_l → gates → α* → apply.
 
     ``kwargs`` are :class:`RepresentationOptions` fields (when ``options`` is not given).
     """
     opts = options or RepresentationOptions(**kwargs)
     if opts.select_prompts + opts.own_questions < 1:
         raise ValueError("α selection needs select_prompts + own_questions ≥ 1")
-    timings: dict[str, float] = {}
-    clock = [time.perf_counter()]
-
-    def lap(stage: str) -> None:
-        now = time.perf_counter()
-        timings[stage] = timings.get(stage, 0.0) + now - clock[0]
-        clock[0] = now
-
+    lap = StageTimer()
     if not jobs:
-        return EditReport([], timings)
-    for adapter, pref in jobs:
-        editor._ensure_adapter(adapter)
-        if pref.id in {e["id"] for e in editor.model.peft_config[adapter].preferences}:
-            raise ValueError(f"adapter {adapter!r} already holds preference {pref.id!r}; forget it first")
-    pm, tokenizer, modules = editor.model, editor.tokenizer, editor.modules
-    questions = [p.question for _, p in jobs]
+        return EditReport([], lap.timings)
+    _check_jobs(editor, jobs)
+    pm = editor.model
     was_training = pm.training
     pm.eval()
     try:
-        before = answer_questions(pm, tokenizer, questions, ["__base__"] * len(jobs)) if verify else None
+        before = _answers(editor, jobs, routed=False) if verify else [""] * len(jobs)
         lap("verify_before")
         samples = _self_generate(editor, jobs, opts)
         lap("generate")
         shifts = _directions(editor, samples, opts)
         lap("directions")
-        centers = _centers(editor, jobs)
-        if opts.gate == "keys":
-            neutral = read_back(tokenizer, list(samples.neutral), list(samples.neutral.values()))
-            gates = keyed_gates(editor, jobs, neutral, centers)
-        else:
-            gates = {name: [always_on(m.in_features)] * len(jobs) for name, m in modules.items()}
+        gates, centers = _gates(editor, jobs, samples, opts)
         lap("gate")
         alphas, scores = _search_alpha(editor, jobs, samples, gates, shifts, centers, opts)
         lap("alpha")
-        for name, module in modules.items():
-            for i, (adapter, _) in enumerate(jobs):
-                if opts.gate == "keys" and not module.num_keys(adapter):
-                    module.set_center(adapter, centers[name][i])
-                add_shift_cluster(module, adapter, gates[name][i], alphas[i] * shifts[name][i])
-        for (adapter, pref), alpha in zip(jobs, alphas):
-            pm.peft_config[adapter].preferences.append(
-                {**pref.to_dict(), "kind": "representation", "alpha": alpha, "gate": opts.gate, "rank": opts.rank})
+        _add_edits(editor, jobs, gates, shifts, centers, alphas, opts)
         lap("apply")
-        after = answer_questions(pm, tokenizer, questions, [a for a, _ in jobs]) if verify else None
+        after = _answers(editor, jobs, routed=True) if verify else [""] * len(jobs)
         lap("verify_after")
     finally:
         pm.train(was_training)
-    first = next(iter(modules))
-    results = []
-    for i, (adapter, pref) in enumerate(jobs):
-        b, a = (before[i], after[i]) if verify else ("", "")
-        results.append(PreferenceResult(
-            adapter=adapter, id=pref.id, question=pref.question, target=pref.target, answer_before=b, answer_after=a,
-            hit_before=target_hit(b, pref.target), hit_after=target_hit(a, pref.target), tau=gates[first][i].tau,
-            value_nll=-scores[i], cluster_size=int(gates[first][i].keys.shape[0])))
-    return EditReport(results, timings, verified=verify)
+    first = gates[next(iter(editor.modules))]
+    results = [PreferenceResult(
+        adapter=adapter, id=pref.id, question=pref.question, target=pref.target, answer_before=b, answer_after=a,
+        hit_before=target_hit(b, pref.target), hit_after=target_hit(a, pref.target), tau=first[i].tau,
+        value_nll=-scores[i], cluster_size=int(first[i].keys.shape[0]), false_fire=first[i].false_fire)
+        for i, ((adapter, pref), b, a) in enumerate(zip(jobs, before, after))]
+    return EditReport(results, lap.timings, verified=verify)

@@ -38,9 +38,7 @@ class ValueRequest:
 @dataclass
 class ValueResult:
     deltas: torch.Tensor  # [n, d_out]
-    output_norms: torch.Tensor  # ‖v_i‖
     final_nll: torch.Tensor  # per request
-    steps: list[int]
 
 
 @dataclass
@@ -175,6 +173,61 @@ class _AddDelta:
         return output + add.to(output.dtype)
 
 
+def _make_chunks(peft_model: nn.Module, requests: list[ValueRequest], rows: list[_Row], pad: int, batch_size: int,
+                 device: torch.device) -> list[_Chunk]:
+    """Rows sorted by (suffix, prefix) length in chunks of ``batch_size``: similar lengths share one, little padding."""
+    routed = any(r.adapter is not None for r in requests)
+    order = sorted(range(len(rows)), key=lambda r: (len(rows[r].suffix), len(rows[r].prefix)))
+    chunks = []
+    for start in range(0, len(rows), batch_size):
+        index = order[start:start + batch_size]
+        adapters = [requests[rows[i].owner].adapter or "__base__" for i in index] if routed else None
+        chunks.append(_Chunk(peft_model, rows, index, pad, adapters, device))
+    return chunks
+
+
+@torch.no_grad()
+def _references(peft_model: nn.Module, hook: _AddDelta, chunks: list[_Chunk], n: int, device: torch.device
+                ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Without δ: ‖v_i‖ = max over i's rows of the original output's norm, and log P(·|n_i) per KL row."""
+    norms = torch.zeros(n, device=device)
+    kl_reference: dict[int, torch.Tensor] = {}
+    hook.delta = None
+    for chunk in chunks:
+        logp = chunk.log_probs(peft_model)
+        offset = 0
+        for j, r in enumerate(chunk.rows):
+            norms[r.owner] = torch.maximum(norms[r.owner], hook.original[j].norm())
+            offset += len(r.loss_pos)
+            if r.is_kl:
+                kl_reference[chunk.index[j]] = logp[offset - 1]
+    return norms, kl_reference
+
+
+def _backward(peft_model: nn.Module, hook: _AddDelta, chunks: list[_Chunk], delta: torch.Tensor, done: torch.Tensor,
+              kl_reference: dict[int, torch.Tensor], kl_weight: float, per_owner: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's gradient of Σ_i (mean NLL_i + λ_KL KL_i) over the unfinished preferences' rows; returns
+    (NLL [n], greedy reproduces every target [n])."""
+    n = delta.shape[0]
+    step_nll = torch.zeros(n, device=delta.device)
+    step_greedy = torch.ones(n, dtype=torch.bool, device=delta.device)
+    for full in chunks:
+        active = ~done[full.owner]
+        if not bool(active.any()):
+            continue
+        chunk = full if bool(active.all()) else full.subset(active)  # finished rows cost nothing
+        hook.delta, hook.owner = delta, chunk.owner
+        losses, greedy = chunk.losses(chunk.log_probs(peft_model), kl_reference)
+        for j, ok in enumerate(greedy.tolist()):
+            step_greedy[chunk.owner[j]] &= ok
+        kl = torch.tensor([r.is_kl for r in chunk.rows], device=delta.device)
+        weights = torch.where(kl, kl_weight, 1.0 / per_owner[chunk.owner])
+        (losses * weights).sum().backward()
+        step_nll.index_add_(0, chunk.owner[~kl], (losses.detach() / per_owner[chunk.owner])[~kl])
+    return step_nll, step_greedy
+
+
 def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[ValueRequest], pad: int, *,
                     steps: int = 25, lr: float = 0.5, kl_weight: float = 0.0625, weight_decay: float = 1e-3,
                     clamp_norm_factor: float = 4.0, nll_stop: float = 0.25, batch_size: int = 32,
@@ -188,56 +241,21 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
     flags = [p.requires_grad for p in peft_model.parameters()]
     peft_model.requires_grad_(False)
     try:
-        routed = any(r.adapter is not None for r in requests)
-        chunks = []
-        order = sorted(range(len(rows)), key=lambda r: (len(rows[r].suffix), len(rows[r].prefix)))
-        for start in range(0, len(rows), batch_size):  # similar lengths share a chunk: little padding
-            index = order[start:start + batch_size]
-            adapters = [requests[rows[i].owner].adapter or "__base__" for i in index] if routed else None
-            chunks.append(_Chunk(peft_model, rows, index, pad, adapters, device))
-        norms = torch.zeros(n, device=device)
-        kl_reference: dict[int, torch.Tensor] = {}
-        with torch.no_grad():
-            for chunk in chunks:
-                hook.delta = None
-                logp = chunk.log_probs(peft_model)
-                offset = 0
-                for j, r in enumerate(chunk.rows):
-                    norms[r.owner] = torch.maximum(norms[r.owner], hook.original[j].norm())
-                    offset += len(r.loss_pos)
-                    if r.is_kl:
-                        kl_reference[chunk.index[j]] = logp[offset - 1]
+        chunks = _make_chunks(peft_model, requests, rows, pad, batch_size, device)
+        norms, kl_reference = _references(peft_model, hook, chunks, n, device)
         delta = torch.zeros(n, module.out_features, device=device, requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=lr)
         done = torch.zeros(n, dtype=torch.bool, device=device)
         nll = torch.full((n,), float("inf"), device=device)
-        used = [steps] * n
         per_owner = torch.bincount(torch.tensor([r.owner for r in rows if not r.is_kl]), minlength=n)
         per_owner = per_owner.clamp(min=1).float().to(device)
-        for step in tqdm(range(steps), desc="values δ*", disable=not progress, leave=False):
+        for _ in tqdm(range(steps), desc="values δ*", disable=not progress, leave=False):
             optimizer.zero_grad()
-            step_nll = torch.zeros(n, device=device)
-            step_greedy = torch.ones(n, dtype=torch.bool, device=device)
-            for full in chunks:
-                active = ~done[full.owner]
-                if not bool(active.any()):
-                    continue
-                chunk = full if bool(active.all()) else full.subset(active)  # finished rows cost nothing
-                hook.delta, hook.owner = delta, chunk.owner
-                losses, greedy = chunk.losses(chunk.log_probs(peft_model), kl_reference)
-                for j, ok in enumerate(greedy.tolist()):
-                    step_greedy[chunk.owner[j]] &= ok
-                kl = torch.tensor([r.is_kl for r in chunk.rows], device=device)
-                weights = torch.where(kl, kl_weight, 1.0 / per_owner[chunk.owner])
-                (losses * weights).sum().backward()
-                step_nll.index_add_(0, chunk.owner[~kl], (losses.detach() / per_owner[chunk.owner])[~kl])
+            step_nll, step_greedy = _backward(peft_model, hook, chunks, delta, done, kl_reference, kl_weight, per_owner)
             decay = weight_decay * delta.pow(2).sum(-1) / norms.pow(2).clamp(min=1e-8)
             decay.sum().backward()
             nll = torch.where(done, nll, step_nll)
-            newly = (nll < nll_stop) & step_greedy & ~done
-            for i in newly.nonzero().flatten().tolist():
-                used[i] = step
-            done |= newly
+            done |= (nll < nll_stop) & step_greedy
             if bool(done.all()):
                 break
             before = delta.detach().clone()
@@ -246,7 +264,7 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
                 delta[done] = before[done]  # Adam's momentum must not move finished values
                 limit = clamp_norm_factor * norms
                 delta.mul_((limit / delta.norm(dim=-1).clamp(min=1e-8)).clamp(max=1.0)[:, None])
-        return ValueResult(delta.detach(), norms, nll.detach().cpu(), used)
+        return ValueResult(delta.detach(), nll.detach().cpu())
     finally:
         handle.remove()
         for p, flag in zip(peft_model.parameters(), flags):
