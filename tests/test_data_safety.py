@@ -250,5 +250,11 @@ def test_transformers_model_with_adapter_push_is_private(offline_hub, tmp_path):
     model.save_pretrained = lambda folder, **kwargs: None  # transformers 5 saves adapters only with peft >= 0.22
     with pytest.warns(UserWarning, match=r"'alice' \(1 preference\).*PRIVATE"):
         model.push_to_hub("user/alice")
-    assert offline_hub["private"] == [True]
+    del model.save_pretrained
+    with pytest.warns(UserWarning, match="PRIVATE"):
+        try:
+            model.save_pretrained(tmp_path / "push", push_to_hub=True, repo_id="user/alice")
+        except ValueError as err:  # transformers 5 saves adapters only with peft >= 0.22 (after creating the repo)
+            assert "version of PEFT" in str(err)
+    assert offline_hub["private"] == [True, True]
 
