@@ -33,6 +33,7 @@ def _map_source_tree_kernels() -> None:
     except BaseException:
         del sys.modules[name]
         raise
+    globals()["kernels"] = module  # what the import system does for a submodule it loads itself
 
 
 _map_source_tree_kernels()

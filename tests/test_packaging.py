@@ -35,9 +35,10 @@ BUILD_INPUTS = ("pyproject.toml", "setup.py", "README.md", PTH, f"{HOOK}.py", "p
 
 
 def run_python(code: str, *args: str, python: str = sys.executable, cwd: Path | None = None,
-               timeout: int = 300) -> str:
+               pythonpath: Path | None = None, timeout: int = 300) -> str:
     """Run ``code`` in a fresh interpreter (auto-registration on, the repository not on ``sys.path``)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PEFT_PERSEDIT_NO_AUTOREGISTER", "PYTHONPATH")}
+    env.update({"PYTHONPATH": str(pythonpath)} if pythonpath else {})
     result = subprocess.run([python, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
                             timeout=timeout, env=env, cwd=cwd or Path.home())
     assert result.returncode == 0, result.stderr[-3000:]
@@ -83,16 +84,47 @@ def test_peft_loads_an_adapter_without_importing_peft_persedit(tmp_path, saved_t
     assert json.loads(out) == {"peft_type": "PeftType.PERSEDIT", "PeftModel": True, "AutoPeftModelForCausalLM": True}
 
 
-def test_the_hook_can_be_turned_off_and_registers_once():
-    off = run_python("import os, sys; os.environ['PEFT_PERSEDIT_NO_AUTOREGISTER'] = '1'; "
-                     "import _peft_persedit_hook as h; sys.meta_path[:] = [f for f in sys.meta_path "
-                     "if not isinstance(f, h.PeftImportWatcher)]; h.install(); import peft; "
-                     "print('peft_persedit' in sys.modules)")
-    assert off == "False"
-    on = run_python("import sys, peft, _peft_persedit_hook as h; h.install(); "
-                    "print(type(peft.__loader__).__name__, sum(isinstance(f, h.PeftImportWatcher) "
-                    "for f in sys.meta_path), 'peft_persedit' in sys.modules)")
-    assert on == "SourceFileLoader 0 True"  # peft keeps its own loader; the watcher is gone once it fired
+def test_importing_peft_registers_once_and_keeps_peft_s_loader():
+    code = """
+        import json, sys, _peft_persedit_hook as hook
+        watching = [isinstance(f, hook.PeftImportWatcher) for f in sys.meta_path].count(True)
+        import peft
+        import peft_persedit
+        print(json.dumps([watching, [isinstance(f, hook.PeftImportWatcher) for f in sys.meta_path].count(True),
+                          type(peft.__loader__).__name__, type(peft.__spec__.loader).__name__,
+                          "peft_persedit.editing" in sys.modules, peft_persedit.kernels.__name__,
+                          peft_persedit.Preference.__module__]))
+    """
+    assert json.loads(run_python(code)) == [1, 0, "SourceFileLoader", "SourceFileLoader", False,
+                                            "peft_persedit.kernels", "peft_persedit.preferences"]
+
+
+def test_hook_install_opt_out_and_watcher(monkeypatch):
+    import _peft_persedit_hook as hook
+
+    monkeypatch.setattr(sys, "meta_path", [f for f in sys.meta_path if not isinstance(f, hook.PeftImportWatcher)])
+    monkeypatch.setenv(hook.OPT_OUT, "1")
+    monkeypatch.delitem(sys.modules, "peft")
+    hook.install()
+    assert not any(isinstance(f, hook.PeftImportWatcher) for f in sys.meta_path)
+    monkeypatch.delenv(hook.OPT_OUT)
+    hook.install()
+    hook.install()
+    watchers = [f for f in sys.meta_path if isinstance(f, hook.PeftImportWatcher)]
+    assert len(watchers) == 1 and sys.meta_path[0] is watchers[0]
+    assert watchers[0].find_spec("peft_persedit") is None
+    spec = watchers[0].find_spec("peft")
+    assert spec.origin == peft.__spec__.origin and isinstance(spec.loader, hook._RegisteringLoader)
+    hook.uninstall()
+    assert not any(isinstance(f, hook.PeftImportWatcher) for f in sys.meta_path)
+
+
+def test_a_failing_registration_warns_instead_of_breaking_peft(monkeypatch):
+    import _peft_persedit_hook as hook
+
+    monkeypatch.setattr(hook, "PACKAGE", "peft_persedit_no_such_package")
+    with pytest.warns(ImportWarning, match="could not register the PERSEDIT adapter type"):
+        hook.register_persedit()
 
 
 def test_top_level_api():
@@ -105,12 +137,6 @@ def test_top_level_api():
         assert getattr(peft_persedit, name) is not None and name in dir(peft_persedit)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = peft_persedit.nope
-
-
-def test_lazy_names_are_not_imported_eagerly():
-    out = run_python("import sys, peft_persedit; print('peft_persedit.editing' in sys.modules, "
-                     "peft_persedit.kernels.__name__, peft_persedit.Preference.__module__)")
-    assert out == "False peft_persedit.kernels peft_persedit.preferences"
 
 
 def source_copy(dest: Path) -> Path:
@@ -158,22 +184,37 @@ def test_editable_wheel_carries_the_pth_and_maps_the_kernels(wheels):
     assert f"'peft_persedit.kernels': '{wheels['src'] / 'kernels'}'" in wheel.read(finder).decode()
 
 
-def test_wheel_installs_and_registers_in_a_fresh_venv(wheels, tmp_path):
-    """The wheel alone in a new venv (its dependencies reached through a path entry, whose .pth files stay off)."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True, timeout=120)
-    python = tmp_path / "venv" / "bin" / "python"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
-                    str(wheels["regular"])], check=True, capture_output=True, timeout=300)
-    site = Path(run_python("import sysconfig; print(sysconfig.get_paths()['purelib'])", python=str(python)))
+def fresh_venv(path: Path) -> tuple[str, Path]:
+    """A new venv (python, site-packages) reaching this one's packages through a path entry, not a site dir:
+    their .pth files (the editable install's finder, the hook) stay off."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, timeout=120)
+    python = str(path / "bin" / "python")
+    site = Path(run_python("import sysconfig; print(sysconfig.get_paths()['purelib'])", python=python))
     deps = Path(run_python("import sysconfig; print(sysconfig.get_paths()['purelib'])"))
     (site / "zz_dev_dependencies.pth").write_text(f"{deps}\n")
-    code = """
-        import sys, peft
-        from peft.utils import PeftType
-        import peft_persedit.kernels
-        print(PeftType.PERSEDIT.value, peft_persedit.kernels.__file__.startswith(sys.argv[1]))
-    """
-    assert run_python(code, str(site / "peft_persedit" / "kernels"), python=str(python)) == "PERSEDIT True"
+    return python, site
+
+
+KERNELS_FROM = """
+    import sys, peft
+    from peft.utils import PeftType
+    import peft_persedit.kernels
+    from peft_persedit.kernels import dispatch
+    print(PeftType.PERSEDIT.value, peft_persedit.kernels.__file__.startswith(sys.argv[1]), dispatch.__name__)
+"""
+
+
+def test_a_source_tree_then_the_wheel_in_a_fresh_venv(wheels, tmp_path):
+    """``PYTHONPATH=checkout`` (``__init__`` maps ``kernels/`` itself), then the wheel alone (its .pth registers)."""
+    python, site = fresh_venv(tmp_path / "venv")
+    code = "import peft_persedit\n" + textwrap.dedent(KERNELS_FROM)  # no .pth in this venv yet: import it
+    out = run_python(code, str(wheels["src"] / "kernels"), python=python, pythonpath=wheels["src"])
+    assert out == "PERSEDIT True peft_persedit.kernels.dispatch"
+    subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index",
+                    str(wheels["regular"])], check=True, capture_output=True, timeout=300)
+    assert (site / PTH).exists()
+    out = run_python(KERNELS_FROM, str(site / "peft_persedit" / "kernels"), python=python)
+    assert out == "PERSEDIT True peft_persedit.kernels.dispatch"
 
 
 def readme_load_adapter_claim() -> tuple[str, str]:
