@@ -43,6 +43,7 @@ class PersEditLayer(BaseTunerLayer):
             setattr(self, f"persedit_{name}", BufferDict({}, persistent=True))
         self.persedit_gate: dict[str, tuple[str, float]] = {}
         self.persedit_trainable: dict[str, tuple[str, ...]] = {}
+        self.persedit_grad_on: set[str] = set()  # adapters peft last set trainable (empty tensors stay frozen)
         self.persedit_sizes: dict[str, dict[str, list[int]]] = {}  # adapter → its config's bank_sizes
         self.persedit_key = kwargs.pop("current_key", "")
         self._disable_adapters = False
@@ -68,7 +69,10 @@ class PersEditLayer(BaseTunerLayer):
     def _set_tensor(self, name: str, adapter: str, value: torch.Tensor) -> None:
         container = getattr(self, f"persedit_{name}")
         if name in _FLOAT_TENSORS:
-            trainable = adapter in container and container[adapter].requires_grad
+            old = container[adapter] if adapter in container else None
+            trainable = old.requires_grad if old is not None and old.numel() else (  # an empty one was frozen
+                adapter in self.persedit_grad_on and name in self.persedit_trainable.get(adapter, ()))
+            trainable = trainable and value.numel() > 0
             container[adapter] = nn.Parameter(value, requires_grad=trainable)
         else:
             container[adapter] = value
@@ -211,18 +215,23 @@ class PersEditLayer(BaseTunerLayer):
     # ----------------------------------------------------------------------------------------- trainability
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_names, inference_mode=inference_mode)
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        self.persedit_grad_on = set() if inference_mode else names
         self.freeze_untrainable()
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        self.persedit_grad_on = self.persedit_grad_on | names if requires_grad else self.persedit_grad_on - names
         self.freeze_untrainable()
 
     def freeze_untrainable(self) -> None:
-        """Turn gradients off for the bank tensors an adapter's config does not list as ``trainable``."""
+        """Turn gradients off for the bank tensors an adapter's config does not list as ``trainable`` and for
+        empty ones (no gradient reaches a 0×d tensor; :meth:`_set_tensor` turns them on when the bank grows)."""
         for adapter, trainable in self.persedit_trainable.items():
             for name in _FLOAT_TENSORS:
                 container = getattr(self, f"persedit_{name}")
-                if adapter in container and name not in trainable:
+                if adapter in container and (name not in trainable or not container[adapter].numel()):
                     container[adapter].requires_grad_(False)
         self._packed_cache = None
 
@@ -231,6 +240,7 @@ class PersEditLayer(BaseTunerLayer):
         self.persedit_sizes.pop(adapter_name, None)
         self.persedit_gate.pop(adapter_name, None)
         self.persedit_trainable.pop(adapter_name, None)
+        self.persedit_grad_on.discard(adapter_name)
         self._packed_cache = None
 
     # ---------------------------------------------------------------------------------------------- merging
