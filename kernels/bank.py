@@ -14,7 +14,8 @@ One adapter's bank in one layer (all rows grouped by cluster c = 0..C-1):
     delta(x) = Σ_c g_c(x) · (B_c A_c x + shift_c),   g_c(x) = gate(max_{k∈c} cos(x − μ, K_k) − τ_c)
 
 A :class:`PackedBank` concatenates the banks of several adapters (cluster ids made global) so one
-call serves a batch whose rows use different adapters.
+call serves a batch whose rows use different adapters; its :class:`KernelMeta` (sizes and rank rows regrouped
+by cluster, for the Triton kernels) is derived once per pack, on first use, and kept with it.
 """
 
 from __future__ import annotations
@@ -76,6 +77,71 @@ class PackedBank:
     def num_clusters(self) -> int:
         return int(self.tau.shape[0])
 
+    @property
+    def kernel_meta(self) -> KernelMeta:
+        """This pack's :class:`KernelMeta`, built on first use and cached on the pack; rebuilt only when a tensor
+        it derives from was replaced or changed in place since (its regrouped A/B may be copies)."""
+        source = tuple((t.data_ptr(), tensor_version(t)) for t in (
+            self.A, self.B, self.rank_cluster, self.key_offsets, self.cluster_offsets))
+        cached = self.__dict__.get("_kernel_meta")
+        if cached is None or cached[0] != source:
+            cached = self.__dict__["_kernel_meta"] = (source, build_kernel_meta(self))
+        return cached[1]
+
+
+@dataclass(frozen=True)
+class KernelMeta:
+    """A :class:`PackedBank`'s sizes and rank rows regrouped by cluster, as the Triton kernels read them.
+
+    c_max = max_a C_a, k_max = max_a K_a, r_max = max_c R_c; cluster c owns rows rank_start[c] ≤ r <
+    rank_start[c] + rank_count[c] of ``A`` [R, d_in] and those columns of ``B`` [d_out, R] (the pack's own
+    tensors, detached, when its rows are already grouped; a stably sorted copy otherwise).
+    """
+
+    c_max: int
+    k_max: int
+    r_max: int
+    rank_start: torch.Tensor  # [C]
+    rank_count: torch.Tensor  # [C]
+    A: torch.Tensor  # [R, d_in]
+    B: torch.Tensor  # [d_out, R]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [self.c_max, self.k_max, self.r_max]
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.rank_start, self.rank_count, self.A, self.B]
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """``t._version``, bumped by every in-place op; −1 for inference tensors (they have none and cannot change)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+def index_ranges(index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, count) [size] of each value v < size's run in the sorted order of ``index`` (no host sync)."""
+    count = torch.zeros(size, dtype=torch.long, device=index.device)
+    count.scatter_add_(0, index, torch.ones_like(index))
+    return count.cumsum(0) - count, count
+
+
+@torch.no_grad()
+def build_kernel_meta(bank: PackedBank) -> KernelMeta:
+    """Derive ``bank``'s :class:`KernelMeta` (two host syncs); use :attr:`PackedBank.kernel_meta`, which caches it."""
+    rank_cluster, A, B = bank.rank_cluster, bank.A.detach(), bank.B.detach()
+    if rank_cluster.numel() > 1 and not bool((rank_cluster[1:] >= rank_cluster[:-1]).all()):
+        perm = torch.argsort(rank_cluster, stable=True)
+        rank_cluster, A, B = rank_cluster[perm], A[perm], B[:, perm]
+    rank_start, rank_count = index_ranges(rank_cluster, bank.num_clusters)
+    c_max, k_max = torch.stack([bank.cluster_offsets.diff().max(), bank.key_offsets.diff().max()]).tolist()
+    r_max = int(rank_count.max()) if rank_count.numel() else 0
+    return KernelMeta(c_max, k_max, r_max, rank_start, rank_count, A, B)
+
 
 def _offsets(sizes: list[int], device: torch.device) -> torch.Tensor:
     out = torch.zeros(len(sizes) + 1, dtype=torch.long, device=device)
@@ -123,7 +189,3 @@ def pack_banks(banks: list[EditBank], dtype: torch.dtype | None = None) -> Packe
         rank_offsets=_offsets([b.A.shape[0] for b in banks], device),
     )
 
-
-def single_bank_packed(bank: EditBank) -> PackedBank:
-    """A bank as a one-adapter :class:`PackedBank` (keeps autograd: no dtype cast, no copy of A/B)."""
-    return pack_banks([bank], dtype=bank.A.dtype)

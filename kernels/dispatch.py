@@ -1,7 +1,8 @@
 """One entry point for applying edit banks: Triton on CUDA, the PyTorch reference elsewhere.
 
-``PERSEDIT_KERNEL=reference|triton|auto`` (default ``auto``) forces a backend. The Triton path serves
-inference only; whenever autograd needs gradients the reference runs (it is exact and differentiable).
+``PERSEDIT_KERNEL=reference|triton|auto`` (default ``auto``) forces a backend. Inference goes through the custom
+op ``persedit::gated_edit`` (:mod:`.op`: Triton or reference inside, opaque to ``torch.compile``); whenever autograd
+needs gradients the reference runs directly (it is exact and differentiable).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import torch
 
 from .bank import PackedBank
+from .op import gated_edit_inference
 from .reference import gated_edit_reference
 
 _BACKENDS = ("auto", "reference", "triton")
@@ -25,17 +27,18 @@ def kernel_backend() -> str:
 
 
 def _wants_grad(x: torch.Tensor, bank: PackedBank) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or bank.A.requires_grad or bank.B.requires_grad
-                                        or bank.keys.requires_grad or bank.shift.requires_grad)
+    tensors = (x, bank.keys, bank.tau, bank.A, bank.B, bank.shift, bank.center, bank.temperature)
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def gated_edit(x: torch.Tensor, bank: PackedBank, adapter_index: torch.Tensor | None = None,
                backend: str | None = None) -> torch.Tensor:
     """Δ = Σ_c g_c(x)(B_c A_c x + shift_c) for ``x`` [T, d_in]; row t uses adapter ``adapter_index[t]``."""
     backend = backend or kernel_backend()
+    if _wants_grad(x, bank):
+        return gated_edit_reference(x, bank, adapter_index)
+    if adapter_index is None:
+        adapter_index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    adapter_index = adapter_index.to(device=x.device, dtype=torch.long)
     use_triton = backend == "triton" or (backend == "auto" and x.is_cuda)
-    if use_triton and not _wants_grad(x, bank):
-        from .triton_gated_edit import gated_edit_triton
-
-        return gated_edit_triton(x, bank, adapter_index)
-    return gated_edit_reference(x, bank, adapter_index)
+    return gated_edit_inference(x, bank, adapter_index, use_triton)

@@ -15,21 +15,20 @@ Every load is converted to fp32 before any arithmetic (bf16/fp16 math is never u
 
 The gate matrix costs 4·T·C_max bytes (4 MB for T = 1000, C_max = 1000). A soft gate is > 0 for nearly every
 cluster of the token's adapter, so soft banks fire (almost) every pair: exact, but as costly as a dense LoRA of
-rank R_a. Host syncs: a few when a bank is first seen (its sizes, cached per :class:`PackedBank`), then one
-per call (the number of fired pairs).
+rank R_a. Host syncs: two when a pack is first used (its :class:`.bank.KernelMeta`, cached on the pack), then
+one per call (the number of fired pairs).
 """
 
 from __future__ import annotations
 
 import contextlib
-import weakref
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .bank import GATE_MODES, PackedBank
+from .bank import GATE_MODES, KernelMeta, PackedBank, index_ranges
 
 _EPS = 1e-12  # torch.nn.functional.normalize's ε
 _TEMPERATURE_MIN = 1e-6
@@ -176,65 +175,6 @@ INTERPRETED = type(_scores_kernel).__name__ == "InterpretedFunction"
 """True when the kernels were defined under ``TRITON_INTERPRET=1`` (they then run on CPU tensors)."""
 
 
-# --------------------------------------------------------------------------------------------- bank metadata
-@dataclass
-class _BankMeta:
-    """Sizes and rank-row layout of a :class:`PackedBank`, derived once (rank rows regrouped by cluster)."""
-
-    signature: tuple
-    c_max: int  # most clusters of one adapter
-    k_max: int  # most keys of one adapter
-    r_max: int  # most rank rows of one cluster
-    rank_start: torch.Tensor  # [C] first rank row of each cluster in A / B below
-    rank_count: torch.Tensor  # [C]
-    A: torch.Tensor  # [R, d_in], rows grouped by cluster
-    B: torch.Tensor  # [d_out, R]
-
-
-_META: dict[int, _BankMeta] = {}
-
-
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors have no version counter
-        return -1
-
-
-def _signature(bank: PackedBank) -> tuple:
-    tensors = (bank.key_cluster, bank.rank_cluster, bank.A, bank.B, bank.key_offsets, bank.cluster_offsets)
-    return tuple((t.data_ptr(), tuple(t.shape), _version(t)) for t in tensors)
-
-
-def _ranges(index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(start, count) [size] of each value's run in the sorted order of ``index`` (no host sync)."""
-    count = torch.zeros(size, dtype=torch.long, device=index.device)
-    count.scatter_add_(0, index, torch.ones_like(index))
-    return count.cumsum(0) - count, count
-
-
-@torch.no_grad()
-def _bank_meta(bank: PackedBank) -> _BankMeta:
-    """The cached :class:`_BankMeta` of ``bank`` (rebuilt when one of its index tensors or A/B changed)."""
-    signature = _signature(bank)
-    meta = _META.get(id(bank))
-    if meta is not None and meta.signature == signature:
-        return meta
-    rank_cluster, A, B = bank.rank_cluster, bank.A.detach(), bank.B.detach()
-    grouped = rank_cluster.numel() < 2 or bool((rank_cluster[1:] >= rank_cluster[:-1]).all())
-    if not grouped:
-        perm = torch.argsort(rank_cluster, stable=True)
-        rank_cluster, A, B = rank_cluster[perm], A[perm], B[:, perm]
-    rank_start, rank_count = _ranges(rank_cluster, bank.num_clusters)
-    c_max, k_max = torch.stack([bank.cluster_offsets.diff().max(), bank.key_offsets.diff().max()]).tolist()
-    r_max = int(rank_count.max()) if rank_count.numel() else 0
-    meta = _BankMeta(signature, c_max, k_max, r_max, rank_start, rank_count, A, B)
-    if id(bank) not in _META:
-        weakref.finalize(bank, _META.pop, id(bank), None)
-    _META[id(bank)] = meta
-    return meta
-
-
 # ------------------------------------------------------------------------------------------------ torch glue
 def _tiles(counts: torch.Tensor, starts: torch.Tensor, block: int, num_slots: int) -> tuple[torch.Tensor, ...]:
     """Cut segments (``counts``/``starts`` [S]) into tiles of ≤ ``block`` rows; ``num_slots`` ≥ the tile count.
@@ -254,13 +194,13 @@ def _next_pow2(n: int, least: int) -> int:
     return max(least, triton.next_power_of_2(max(n, 1)))
 
 
-def _gate_matrix(x: torch.Tensor, bank: PackedBank, adapter_index: torch.Tensor, meta: _BankMeta) -> torch.Tensor:
+def _gate_matrix(x: torch.Tensor, bank: PackedBank, adapter_index: torch.Tensor, meta: KernelMeta) -> torch.Tensor:
     """G [T, C_max] fp32: g_{t,j} for the j-th cluster of token t's adapter (0 beyond it and for a_t = −1)."""
     num_tokens, num_adapters = x.shape[0], bank.num_adapters
     gates = torch.full((num_tokens, meta.c_max), float("-inf"), device=x.device, dtype=torch.float32)
     if meta.k_max > 0:
         order = torch.argsort(adapter_index, stable=True)
-        starts, counts = _ranges(adapter_index + 1, num_adapters + 1)  # group 0 = base rows (a = −1), sorted first
+        starts, counts = index_ranges(adapter_index + 1, num_adapters + 1)  # group 0 = base rows (a = −1), sorted first
         block_t = _next_pow2(min(num_tokens, 64), 16)
         block_k = 64 if num_tokens > 64 else 32
         num_slots = triton.cdiv(num_tokens, block_t) + num_adapters
@@ -298,11 +238,11 @@ def _fired_pairs(gates: torch.Tensor, bank: PackedBank, adapter_index: torch.Ten
     if token.numel() == 0:
         return None
     cluster = bank.cluster_offsets[adapter_index[token]] + local
-    return _Pairs(token, cluster, gates[token, local].contiguous(), *_ranges(token, gates.shape[0]),
-                  torch.argsort(cluster, stable=True), *_ranges(cluster, bank.num_clusters))
+    return _Pairs(token, cluster, gates[token, local].contiguous(), *index_ranges(token, gates.shape[0]),
+                  torch.argsort(cluster, stable=True), *index_ranges(cluster, bank.num_clusters))
 
 
-def _shrink(x: torch.Tensor, pairs: _Pairs, meta: _BankMeta, block_r: int) -> torch.Tensor:
+def _shrink(x: torch.Tensor, pairs: _Pairs, meta: KernelMeta, block_r: int) -> torch.Tensor:
     """H [P, block_r] fp32: H_p = g_p A_{c_p} x_{t_p} (zero beyond the cluster's rank rows)."""
     num_pairs = pairs.token.numel()
     hidden = torch.zeros((num_pairs, block_r), device=x.device, dtype=torch.float32)
@@ -318,7 +258,7 @@ def _shrink(x: torch.Tensor, pairs: _Pairs, meta: _BankMeta, block_r: int) -> to
 
 
 def _expand(delta: torch.Tensor, hidden: torch.Tensor | None, bank: PackedBank, pairs: _Pairs,
-            meta: _BankMeta) -> None:
+            meta: KernelMeta) -> None:
     """Δ_t = Σ_{p ∋ t} B_{c_p} H_p + g_p shift_{c_p} written into the fired rows of ``delta`` [T, d_out] fp32."""
     block_r = _next_pow2(meta.r_max, 1)
     block_p = max(1, 64 // block_r)
@@ -344,10 +284,12 @@ def _check(x: torch.Tensor, bank: PackedBank) -> None:
 
 
 @torch.no_grad()
-def gated_edit_triton(x: torch.Tensor, bank: PackedBank, adapter_index: torch.Tensor | None = None) -> torch.Tensor:
+def gated_edit_triton(x: torch.Tensor, bank: PackedBank, adapter_index: torch.Tensor | None = None,
+                      meta: KernelMeta | None = None) -> torch.Tensor:
     """Δ [T, d_out] in ``x.dtype``: Δ_t = Σ_c g_{t,c}(B_c A_c x_t + shift_c), clusters of adapter a_t only.
 
-    ``x`` [T, d_in]; ``adapter_index`` [T] (−1 = no edit; ``None`` = adapter 0 everywhere). Math in fp32.
+    ``x`` [T, d_in]; ``adapter_index`` [T] (−1 = no edit; ``None`` = adapter 0 everywhere); ``meta`` defaults to
+    ``bank.kernel_meta``. Math in fp32.
     """
     _check(x, bank)
     num_tokens, d_out = x.shape[0], bank.shift.shape[1]
@@ -355,7 +297,7 @@ def gated_edit_triton(x: torch.Tensor, bank: PackedBank, adapter_index: torch.Te
         adapter_index = torch.zeros(num_tokens, dtype=torch.long, device=x.device)
     adapter_index = adapter_index.to(device=x.device, dtype=torch.long).contiguous()
     delta = torch.zeros((num_tokens, d_out), device=x.device, dtype=torch.float32)
-    meta = _bank_meta(bank)
+    meta = bank.kernel_meta if meta is None else meta
     if num_tokens == 0 or meta.c_max == 0:
         return delta.to(x.dtype)
     x = x.contiguous()

@@ -20,7 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import PersonalizationEditConfig, saved_bank_sizes
-from .kernels import EditBank, PackedBank, gated_edit, pack_banks
+from .kernels import EditBank, PackedBank, gated_edit, pack_banks, tensor_version
 from .validation import LAYOUT, check_state_dict_bank
 
 BASE_ADAPTER = "__base__"
@@ -295,13 +295,6 @@ class PersEditLayer(BaseTunerLayer):
             base.bias.data = bias.to(base.bias.dtype)
 
 
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors have no version counter (and cannot change in place)
-        return -1
-
-
 def _pack(banks: list[EditBank]) -> PackedBank:
     """:func:`pack_banks`; for one bank, the float tensors are the live ones (views, no copies)."""
     packed = pack_banks(banks)
@@ -358,7 +351,7 @@ class PersEditLinear(nn.Module, PersEditLayer):
         if needs_grad:
             return _pack(banks)
         signature = tuple(
-            (a, t.data_ptr(), _version(t), t.dtype, t.device, tuple(t.shape))
+            (a, t.data_ptr(), tensor_version(t), t.dtype, t.device, tuple(t.shape))
             for a, b in zip(adapters, banks)
             for t in (b.keys, b.key_cluster, b.tau, b.A, b.B, b.rank_cluster, b.shift, b.center)
         ) + tuple(self.persedit_gate[a] for a in adapters)

@@ -199,3 +199,17 @@ def check_dispatch(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PERSEDIT_KERNEL", "reference")
     gated_edit(x, bank, index)
     assert len(calls) == 3
+
+
+def check_op(device: str) -> None:
+    """The custom op ``persedit::gated_edit`` running the kernel passes ``torch.library.opcheck`` (schema, fake)."""
+    from peft_persedit.kernels import gated_edit_op
+    from peft_persedit.kernels.op import BANK_FIELDS
+
+    for name in ("mixed_adapters", "unsorted_rows"):
+        x, bank, index = to_device(CASES[name]().build(torch.float32), device)
+        index = torch.zeros(x.shape[0], dtype=torch.long, device=device) if index is None else index
+        meta = bank.kernel_meta
+        args = (x, index, [getattr(bank, f) for f in BANK_FIELDS], meta.tensors, meta.sizes, True)
+        torch.testing.assert_close(gated_edit_op(*args), reference(x, bank, index), **TOLERANCES[x.dtype])
+        torch.library.opcheck(gated_edit_op, args)

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 pytest.importorskip("triton")
 
-from kernel_cases import CASES, DTYPE_CASES, check_boundary, check_case, check_dispatch, to_device  # noqa: E402
+from kernel_cases import CASES, DTYPE_CASES, check_boundary, check_case, check_dispatch, check_op, to_device  # noqa: E402
 
 from peft_persedit.kernels import gated_edit  # noqa: E402
 
@@ -33,6 +33,10 @@ def test_threshold_boundary(dtype: torch.dtype) -> None:
 
 def test_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     check_dispatch("cuda", monkeypatch)
+
+
+def test_custom_op() -> None:
+    check_op("cuda")
 
 
 def test_auto_backend_uses_triton_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from kernel_cases import CASES, DTYPE_CASES, check_boundary, check_case, check_dispatch  # noqa: E402
+from kernel_cases import CASES, DTYPE_CASES, check_boundary, check_case, check_dispatch, check_op  # noqa: E402
 
 from peft_persedit.kernels import triton_gated_edit  # noqa: E402
 
@@ -34,6 +34,10 @@ def test_threshold_boundary(dtype: torch.dtype) -> None:
 
 def test_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     check_dispatch("cpu", monkeypatch)
+
+
+def test_custom_op() -> None:
+    check_op("cpu")
 
 
 def test_empty_batch() -> None:
