@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from tiny_models import make_tiny_model, tiny_tokenizer
 
+import peft_persedit.cli
 from peft_persedit.cli import main
 
 ITEMS = [
@@ -72,3 +77,21 @@ def test_help_explains(capsys):
     with pytest.raises(SystemExit):
         main(["edit", "--help"])
     assert "--preferences" in capsys.readouterr().out
+
+
+def test_cli_package_imports_point_one_way():
+    """The command modules import only ``cli.common`` from the package (no cycle); common imports none."""
+    package = Path(peft_persedit.cli.__file__).parent
+    allowed = {"adapters": {"common"}, "groups": {"common"}, "eval": {"common"}, "common": set()}
+    for name, ok in allowed.items():
+        tree = ast.parse((package / f"{name}.py").read_text())
+        siblings = {node.module or "." for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.level == 1}
+        assert siblings <= ok, f"cli/{name}.py imports {siblings - ok}"
+
+
+def test_python_dash_m_runs_the_cli():
+    result = subprocess.run([sys.executable, "-m", "peft_persedit.cli", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert all(command in result.stdout for command in ("edit", "forget", "group-ask", "eval"))

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .common import EPILOG, load_base
 
-def add_group_commands(sub: argparse._SubParsersAction) -> None:
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``group`` and ``group-ask`` on the ``persedit`` subcommand parser."""
-    from .cli import EPILOG
-
     group = sub.add_parser("group", help="cluster users into group adapters + per-user difference adapters",
                            epilog=EPILOG)
     group.add_argument("--users", required=True, help="JSON {user: [preference items]} (any format edit reads)")
@@ -39,7 +39,7 @@ def add_group_commands(sub: argparse._SubParsersAction) -> None:
 
 def check_group_out(out: Path) -> None:
     """Refuse, before any work, an ``--out`` that is a file or a non-empty folder not written by ``group``."""
-    from .groups import INDEX
+    from ..groups import INDEX
 
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is an existing file, not a directory; refusing to replace it")
@@ -49,9 +49,9 @@ def check_group_out(out: Path) -> None:
 
 
 def cmd_group(args: argparse.Namespace) -> int:
-    from . import PersonalizationEditConfig
-    from .cli_adapters import load_base
-    from .groups import build_group_adapters, group_users, load_users, used_groups
+    """``persedit group``: cluster the users, save group + per-user difference adapters and ``index.json``."""
+    from .. import PersonalizationEditConfig
+    from ..groups import build_group_adapters, group_users, load_users, used_groups
 
     check_group_out(Path(args.out))
     users = load_users(args.users)
@@ -74,9 +74,9 @@ def cmd_group(args: argparse.Namespace) -> int:
 
 
 def cmd_group_ask(args: argparse.Namespace) -> int:
-    from .cli_adapters import load_base
-    from .editing.verify import answer_questions
-    from .groups import load_group_adapters
+    """``persedit group-ask``: answer as ``user``, routed through their group + difference adapters."""
+    from ..editing.verify import answer_questions
+    from ..groups import load_group_adapters
 
     base, tokenizer = load_base(args.model, Path(args.dir) / "users" / args.user)
     pm, index = load_group_adapters(base, args.dir, users=[args.user])
