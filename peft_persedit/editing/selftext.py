@@ -1,31 +1,73 @@
 """Text the model writes itself (offline): context prefixes for keys, a neutral corpus for C and the gates.
 
-Both are cached per model fingerprint in the user cache dir, so they are generated once per model.
+Both are cached per model fingerprint (a hash of the model's content, never of a path) in the user cache dir, so
+they are generated once per model. For the embedded model they ship with the package
+(``data/default_model_selftext.json``, made by ``scripts/build_default_selftext.py``) and are used when the
+fingerprint matches, so the default path generates nothing.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
+from collections.abc import Callable
+from importlib import resources
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..cache import cache_dir
+from ..cache import atomic_file, cache_dir, prune, read_cached, touch
 from ..prompts import load_prompt_set
 from .chat import chat_text, encode, pad_batch, pad_id
 
 CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You", "Today", "In", "When")
+SHIPPED_FILE = "default_model_selftext.json"
+#: Values sampled (evenly spaced) from each weight tensor for the fingerprint.
+FINGERPRINT_SAMPLES = 16384
+#: Config entries that say where or how a model was loaded, not what it computes.
+_VOLATILE_CONFIG = frozenset({"_name_or_path", "name_or_path", "_commit_hash", "transformers_version", "dtype",
+                              "torch_dtype", "use_cache", "output_attentions", "output_hidden_states", "return_dict"})
+#: Most recently used models whose self-generated text stays cached.
+KEEP_MODELS = 8
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """A short hash of the model's config and a sample of its weights (identifies cached statistics)."""
+def _tensor_sample(param: torch.Tensor) -> bytes:
+    """Shape, dtype and ≤ ``FINGERPRINT_SAMPLES`` evenly strided raw values of ``param`` (sliced on its device).
+
+    The stride is made coprime to the last dimension, so the samples fall in every column, not one."""
+    flat = param.detach().reshape(-1)
+    step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
+    while param.ndim and math.gcd(step, param.shape[-1]) > 1:
+        step += 1
+    raw = flat[::step][:FINGERPRINT_SAMPLES].contiguous().view(torch.uint8).cpu().numpy().tobytes()
+    return f"{tuple(param.shape)}{param.dtype}".encode() + raw
+
+
+def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 of what decides how text is tokenized and formatted: vocabulary, special tokens, chat template."""
+    vocab = tokenizer.get_vocab()
+    special = [str(getattr(tokenizer, k, None)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")]
+    digest = hashlib.sha256("\n".join(sorted(vocab, key=vocab.__getitem__)).encode())
+    digest.update(json.dumps([len(vocab), special, getattr(tokenizer, "chat_template", None)], default=str).encode())
+    return digest.hexdigest()
+
+
+def model_fingerprint(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
+    """A short content hash identifying cached self-generated text and statistics: the config (minus where and
+    how it was loaded), every base weight's shape, dtype and an evenly spaced sample of its values, and the
+    tokenizer's :func:`tokenizer_digest`. Independent of paths and of peft wrapping (PERSEDIT banks are left
+    out); costs a few ms on CPU. A change confined to a few weights between the sampled ones goes unnoticed."""
     config = getattr(model, "config", None)
-    digest = hashlib.sha1(json.dumps(config.to_dict() if config else {}, sort_keys=True, default=str).encode())
-    params = [p for name, p in model.named_parameters() if "persedit_" not in name]
-    for param in params[:: max(1, len(params) // 8)]:
-        digest.update(param.detach().flatten()[:256].float().cpu().numpy().tobytes())
+    config_dict = {k: v for k, v in (config.to_dict() if config else {}).items() if k not in _VOLATILE_CONFIG}
+    digest = hashlib.sha256(json.dumps(config_dict, sort_keys=True, default=str).encode())
+    for name, param in model.named_parameters():
+        if "persedit_" not in name:
+            digest.update(_tensor_sample(param))
+    if tokenizer is not None:
+        digest.update(tokenizer_digest(tokenizer).encode())
     return digest.hexdigest()[:16]
 
 
@@ -46,26 +88,50 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[s
     return results
 
 
-def _cached_json(name: str, model: nn.Module, build) -> list[str]:
-    path = cache_dir("selftext", model_fingerprint(model)) / f"{name}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+@functools.lru_cache(maxsize=1)
+def shipped_texts() -> dict:
+    """The embedded model's self-generated text shipped with the package (``{}`` if absent)."""
+    resource = resources.files("peft_persedit").joinpath("data", SHIPPED_FILE)
+    return json.loads(resource.read_text()) if resource.is_file() else {}
+
+
+def _cached_json(name: str, fingerprint: str, build: Callable[[], list[str]]) -> list[str]:
+    """The user cache's ``selftext/<fingerprint>/<name>.json``, else the shipped text for this fingerprint, else
+    ``build()`` (then cached, keeping the :data:`KEEP_MODELS` most recently used models)."""
+    folder = cache_dir("selftext", fingerprint)
+    touch(folder)
+    path = folder / f"{name}.json"
+    value = read_cached(path, lambda p: _string_list(json.loads(p.read_text())))
+    if value is not None:
+        return value
+    shipped = shipped_texts()
+    if shipped.get("fingerprint") == fingerprint and name in shipped.get("texts", {}):
+        return list(shipped["texts"][name])
     value = build()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value))
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(value))
+    prune(folder, "[0-9a-f]{16}", KEEP_MODELS)
     return value
 
 
+def _string_list(value: object) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("not a list of strings")
+    return value
+
+
+def build_context_prefixes(model: nn.Module, tokenizer: PreTrainedTokenizerBase, n: int = 4,
+                           length: int = 10) -> list[str]:
+    """``n`` short sampled continuations of generic seeds, written by the model (uncached)."""
+    seeds = list(CONTEXT_SEEDS[:n])
+    texts = generate(model, tokenizer, seeds, max_new_tokens=length, sample=True)
+    return [" ".join(f"{s}{t}".replace("\n", " ").split()) + "." for s, t in zip(seeds, texts)]
+
+
 def context_prefixes(model: nn.Module, tokenizer: PreTrainedTokenizerBase, n: int = 4, length: int = 10) -> list[str]:
-    """ROME's context templates: ``n`` short sampled continuations of generic seeds, written by the model."""
-
-    def build() -> list[str]:
-        seeds = list(CONTEXT_SEEDS[:n])
-        texts = generate(model, tokenizer, seeds, max_new_tokens=length, sample=True)
-        return [" ".join(f"{s}{t}".replace("\n", " ").split()) + "." for s, t in zip(seeds, texts)]
-
-    return _cached_json(f"contexts_{n}_{length}", model, build)
+    """ROME's context templates: :func:`build_context_prefixes`, cached per model fingerprint."""
+    return _cached_json(f"contexts_{n}_{length}", model_fingerprint(model, tokenizer),
+                        lambda: build_context_prefixes(model, tokenizer, n, length))
 
 
 #: The first 50 neutral prompts are held out for locality measurements; the corpus uses the rest.
@@ -73,15 +139,27 @@ HELD_OUT_PROMPTS = 50
 FREE_TEXT_SEEDS = ("The", "In", "A", "It", "When", "Many", "There", "One", "This", "Some", "After", "Most")
 
 
-def neutral_corpus(model: nn.Module, tokenizer: PreTrainedTokenizerBase, length: int = 48) -> list[str]:
-    """Self-generated neutral text: the model's greedy answers to held-in neutral prompts (chat format) and
-    sampled free-text continuations of generic seeds. Used for C = E[kkᵀ], μ and the gates' negatives."""
-    prompts = load_prompt_set("neutral_prompts")[HELD_OUT_PROMPTS:]
+def _corpus_prompts() -> list[str]:
+    return load_prompt_set("neutral_prompts")[HELD_OUT_PROMPTS:]
 
-    def build() -> list[str]:
-        formatted = [chat_text(tokenizer, p) for p in prompts]
-        answers = generate(model, tokenizer, formatted, max_new_tokens=length)
-        free = generate(model, tokenizer, list(FREE_TEXT_SEEDS), max_new_tokens=length, sample=True, seed=1)
-        return [f + a for f, a in zip(formatted, answers)] + [s + t for s, t in zip(FREE_TEXT_SEEDS, free)]
 
-    return _cached_json(f"corpus_{len(prompts)}_{length}", model, build)
+def corpus_name(length: int = 48) -> str:
+    """The cache (and shipped-text) name of :func:`neutral_corpus` with ``length`` new tokens per text."""
+    return f"corpus_{len(_corpus_prompts())}_{length}"
+
+
+def build_neutral_corpus(model: nn.Module, tokenizer: PreTrainedTokenizerBase, length: int = 48) -> list[str]:
+    """The model's greedy answers to held-in neutral prompts (chat format) and sampled free-text continuations
+    of generic seeds, ``length`` new tokens each (uncached)."""
+    formatted = [chat_text(tokenizer, p) for p in _corpus_prompts()]
+    answers = generate(model, tokenizer, formatted, max_new_tokens=length)
+    free = generate(model, tokenizer, list(FREE_TEXT_SEEDS), max_new_tokens=length, sample=True, seed=1)
+    return [f + a for f, a in zip(formatted, answers)] + [s + t for s, t in zip(FREE_TEXT_SEEDS, free)]
+
+
+def neutral_corpus(model: nn.Module, tokenizer: PreTrainedTokenizerBase, length: int = 48,
+                   fingerprint: str | None = None) -> list[str]:
+    """Self-generated neutral text (:func:`build_neutral_corpus`), cached per model fingerprint (pass it when
+    already known). Used for C = E[kkᵀ], μ and the gates' negatives."""
+    fingerprint = fingerprint or model_fingerprint(model, tokenizer)
+    return _cached_json(corpus_name(length), fingerprint, lambda: build_neutral_corpus(model, tokenizer, length))
