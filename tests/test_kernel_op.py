@@ -129,3 +129,18 @@ def test_torch_compile_traces_the_op_and_matches_eager() -> None:
     torch.testing.assert_close(out, expected)
     targets = {str(node.target) for gm in graphs for node in gm.graph.nodes}
     assert any("persedit.gated_edit" in t for t in targets), sorted(targets)
+
+
+def test_folder_imported_as_top_level_kernels_stays_empty() -> None:
+    """A probe that imports the repository's ``kernels/`` as ``kernels`` registers nothing a second time."""
+    import importlib.util
+    from pathlib import Path
+
+    import peft_persedit.kernels as installed
+
+    init = Path(installed.__file__)
+    spec = importlib.util.spec_from_file_location("kernels", init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.__all__ == [] and not hasattr(module, "gated_edit")
+    assert torch.ops.persedit.gated_edit is not None  # the op registered by peft_persedit.kernels still works
