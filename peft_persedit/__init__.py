@@ -42,9 +42,7 @@ from .config import PersonalizationEditConfig  # noqa: E402
 from .layer import PersEditLayer, PersEditLinear  # noqa: E402
 from .loading import from_pretrained  # noqa: E402
 from .model import PersEditModel  # noqa: E402
-from .registration import PERSEDIT, register  # noqa: E402
-
-register()
+from .peft_type import NAME, PERSEDIT, PREFIX  # noqa: E402
 
 __all__ = [
     "PERSEDIT",
@@ -81,3 +79,28 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
+
+
+def register() -> None:
+    """Register config and tuner classes for ``PeftType.PERSEDIT`` with peft (no-op when already done).
+
+    Also installs, idempotently: atomic adapter saves (:mod:`.saving`), load errors that name the file
+    (:mod:`.validation`) and private-by-default pushes of adapters holding preferences (:mod:`.privacy`).
+    """
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils import register_peft_method
+
+    from . import privacy, saving, validation
+
+    for extension in (saving, validation, privacy):
+        extension.install()
+    if PEFT_TYPE_TO_TUNER_MAPPING.get(PERSEDIT) is PersEditModel:
+        return
+    if PERSEDIT in PEFT_TYPE_TO_TUNER_MAPPING:  # registered by an earlier (reloaded) copy of this package
+        PEFT_TYPE_TO_CONFIG_MAPPING[PERSEDIT] = PersonalizationEditConfig
+        PEFT_TYPE_TO_TUNER_MAPPING[PERSEDIT] = PersEditModel
+        return
+    register_peft_method(name=NAME, config_cls=PersonalizationEditConfig, model_cls=PersEditModel, prefix=PREFIX)
+
+
+register()

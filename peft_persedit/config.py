@@ -8,7 +8,7 @@ from typing import Any, Literal
 from peft.config import PeftConfig
 from peft.utils import CONFIG_NAME
 
-from .registration import PERSEDIT
+from .peft_type import PERSEDIT
 from .saving import save_dir_file_atomically
 
 #: model_type → the MLP output projection that edits attach to (suffix matched by peft).

@@ -19,9 +19,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .bank_checks import LAYOUT, check_state_dict_bank
 from .config import PersonalizationEditConfig, saved_bank_sizes
 from .kernels import EditBank, PackedBank, gated_edit, pack_banks, tensor_version
-from .validation import LAYOUT, check_state_dict_bank
 
 BASE_ADAPTER = "__base__"
 _FLOAT_TENSORS = ("keys", "A", "B", "shift")  # ParameterDicts (trainability is a config choice)

@@ -11,7 +11,7 @@ from peft import PeftModel
 from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel
 
-from .registration import PERSEDIT
+from .peft_type import PERSEDIT
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")

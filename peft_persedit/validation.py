@@ -2,8 +2,8 @@
 
 A corrupted ``adapter_model.safetensors`` (bytes flipped, header intact) would otherwise load and fail at the
 first forward deep in the kernels (``IndexError: index -72057594037927681 is out of bounds``), and NaN weights
-would load silently. :func:`check_state_dict_bank` runs in the layer's load-state-dict pre-hook, before any
-tensor is copied in. :func:`install` makes ``PeftModel.load_adapter`` (hence ``PeftModel.from_pretrained``)
+would load silently. The layer's load-state-dict pre-hook runs :func:`.bank_checks.check_state_dict_bank`
+before any tensor is copied in. :func:`install` makes ``PeftModel.load_adapter`` (hence ``PeftModel.from_pretrained``)
 and transformers' ``model.load_adapter`` check the loaded banks (transformers 5 copies tensors without
 ``load_state_dict``) and their ``bank_sizes``, name the file in errors and remove an adapter they could not load.
 """
@@ -13,83 +13,20 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-from collections.abc import Mapping
 from typing import Any
 
-import torch
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
+from .bank_checks import LAYOUT, AdapterWeightsError, check_state_dict_bank
+from .config import PersonalizationEditConfig, saved_bank_sizes
+from .layer import PersEditLayer
+
 _MARK = "__persedit_wrapped__"
-#: per bank tensor, the size each dimension must have: K keys, C clusters, R rank rows, in/out the layer dims
-LAYOUT: dict[str, tuple[str, ...]] = {
-    "A": ("R", "in"), "keys": ("K", "in"), "center": ("in",), "B": ("out", "R"), "shift": ("C", "out"),
-    "key_cluster": ("K",), "rank_cluster": ("R",), "tau": ("C",),
-}
-_INDEX = ("key_cluster", "rank_cluster")
-
-
-class AdapterWeightsError(ValueError):
-    """A loaded bank tensor is malformed; ``file`` is the adapter file the message is about."""
-
-    def __init__(self, message: str, file: str = SAFETENSORS_WEIGHTS_NAME) -> None:
-        super().__init__(message)
-        self.file = file
-
-
-def _check_shape(key: str, name: str, tensor: torch.Tensor, sizes: Mapping[str, int]) -> None:
-    expected = tuple(sizes[s] for s in LAYOUT[name])
-    shape = tuple(tensor.shape)
-    if shape == expected:
-        return
-    layer_dims = [i for i, s in enumerate(LAYOUT[name]) if s in ("in", "out")]
-    if len(shape) == len(expected) and any(shape[i] != expected[i] for i in layer_dims):
-        raise AdapterWeightsError(
-            f"size mismatch for {key}: the checkpoint's tensor has shape {shape}, but this model's layer has "
-            f"d_in={sizes['in']}, d_out={sizes['out']} (was the adapter made for another base model?)")
-    raise AdapterWeightsError(
-        f"{key}: shape {shape} is inconsistent with the rest of the bank (expected {expected} for "
-        f"{sizes['K']} keys, {sizes['C']} clusters, rank {sizes['R']}); the file is corrupted")
-
-
-def _check_values(key: str, name: str, tensor: torch.Tensor, clusters: int) -> None:
-    if tensor.device.type == "meta":
-        return
-    if name in _INDEX:
-        if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
-            raise AdapterWeightsError(f"{key}: cluster indices must be integers, got dtype {tensor.dtype}")
-        if tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= clusters):
-            bad = int(tensor[(tensor < 0) | (tensor >= clusters)][0])
-            raise AdapterWeightsError(
-                f"{key}: cluster index {bad} out of range for a bank of {clusters} clusters (valid: 0..{clusters - 1});"
-                " the file is corrupted")
-        return
-    if not tensor.dtype.is_floating_point:
-        raise AdapterWeightsError(f"{key}: expected a floating-point tensor, got dtype {tensor.dtype}")
-    bad = torch.isnan(tensor) if name == "tau" else ~torch.isfinite(tensor)  # τ = ±inf: always / never fires
-    if bool(bad.any()):
-        what = "NaN" if name == "tau" else "NaN or infinite"
-        raise AdapterWeightsError(f"{key}: {int(bad.sum())} of {tensor.numel()} values are {what}")
-
-
-def check_state_dict_bank(tensors: Mapping[str, torch.Tensor], sizes: Mapping[str, int],
-                          key_of: Mapping[str, str]) -> None:
-    """Check one adapter's bank tensors about to be loaded into one layer.
-
-    ``tensors``: bank tensor name (``A``, ``keys``, …) → tensor (only those present); ``sizes``: ``K``, ``C``,
-    ``R``, ``in``, ``out``; ``key_of``: name → state-dict key used in messages.
-    """
-    for name, tensor in tensors.items():
-        _check_shape(key_of[name], name, tensor, sizes)
-    for name, tensor in tensors.items():
-        _check_values(key_of[name], name, tensor, sizes["C"])
 
 
 def check_loaded_adapter(model: Any, adapter: str) -> None:
     """Check every loaded bank of ``adapter`` in ``model`` (a ``PeftModel`` or a transformers model carrying
     adapters), and that its sizes are the ``bank_sizes`` of the adapter's config."""
-    from .config import PersonalizationEditConfig, saved_bank_sizes
-    from .layer import PersEditLayer
-
     config = getattr(model, "peft_config", {}).get(adapter)
     if not isinstance(config, PersonalizationEditConfig):
         return
@@ -120,8 +57,6 @@ def adapter_file(model_id: str | os.PathLike, name: str, subfolder: str | None =
 
 def _discard(model: Any, adapter: str, keep_last: bool) -> None:
     """Leave no half-loaded ``adapter`` behind: empty its banks, then delete it where the loader allows."""
-    from .layer import PersEditLayer
-
     for module in model.modules():
         if isinstance(module, PersEditLayer) and adapter in module.persedit_A:
             module.resize_bank(adapter, 0, 0, 0)

@@ -16,7 +16,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType
 
 import peft_persedit
-from peft_persedit.registration import add_enum_member
+from peft_persedit.peft_type import add_enum_member
 
 REPLICA_CHECK = textwrap.dedent("""
     class T(str, enum.Enum):
@@ -82,7 +82,7 @@ RELOAD = textwrap.dedent("""
     from peft.utils import PeftType
 
     members = list(PeftType)
-    for name in ("registration", "config", "layer", "model", "loading"):
+    for name in ("peft_type", "config", "layer", "model", "loading"):
         importlib.reload(getattr(peft_persedit, name))
     importlib.reload(peft_persedit)
     import peft_persedit  # a second import is a no-op

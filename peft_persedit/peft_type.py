@@ -1,4 +1,5 @@
-"""Adds ``PeftType.PERSEDIT`` (a real enum member) and registers the tuner with peft, idempotently."""
+"""``PeftType.PERSEDIT``: the peft type member alone (as peft's ``utils/peft_types.py``); registering the config
+and tuner classes happens at the bottom of the package ``__init__``, as in peft's own tuners."""
 
 from __future__ import annotations
 
@@ -38,28 +39,3 @@ def add_enum_member(enum_cls: type[enum.Enum], name: str, value: str) -> enum.En
 
 PERSEDIT: PeftType = add_enum_member(PeftType, NAME.upper(), NAME.upper())
 
-
-def register() -> None:
-    """Register config and tuner classes for ``PeftType.PERSEDIT`` with peft (no-op when already done).
-
-    Also installs, idempotently: atomic adapter saves (:mod:`.saving`), load errors that name the file
-    (:mod:`.validation`) and private-by-default pushes of adapters holding preferences (:mod:`.privacy`).
-    """
-    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-    from peft.utils import register_peft_method
-
-    from . import privacy, saving, validation
-    from .config import PersonalizationEditConfig
-    from .model import PersEditModel
-
-    for module in (saving, validation, privacy):
-        module.install()
-    if PEFT_TYPE_TO_TUNER_MAPPING.get(PERSEDIT) is PersEditModel:
-        return
-    if PERSEDIT in PEFT_TYPE_TO_TUNER_MAPPING:  # registered by an earlier (reloaded) copy of this package
-        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-        PEFT_TYPE_TO_CONFIG_MAPPING[PERSEDIT] = PersonalizationEditConfig
-        PEFT_TYPE_TO_TUNER_MAPPING[PERSEDIT] = PersEditModel
-        return
-    register_peft_method(name=NAME, config_cls=PersonalizationEditConfig, model_cls=PersEditModel, prefix=PREFIX)
