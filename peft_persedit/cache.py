@@ -1,4 +1,4 @@
-"""The project's user cache: where it lives, atomic writes, self-repair of unreadable entries, bounded size.
+"""The project's user cache: where it lives, self-repair of unreadable entries, bounded size.
 
 Location: ``$PERSEDIT_CACHE`` if set, else the platform's user cache dir (``~/.cache/peft-persedit`` on Linux).
 Contents, all keyed by content (never by a path, so venvs and checkouts share them):
@@ -9,20 +9,17 @@ Contents, all keyed by content (never by a path, so venvs and checkouts share th
   ``selftext/<fingerprint>`` — the model's self-generated neutral text (~25 KB). The 8 most recently used
   models are kept.
 
-An unreadable entry is reported once with a warning naming the file, deleted and rebuilt.
+Entries are written atomically (:mod:`.atomic`). An unreadable entry is reported once with a warning naming
+the file, deleted and rebuilt.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import shutil
-import time
-import uuid
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -44,57 +41,6 @@ def cache_dir(*parts: str) -> Path:
     path = root.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _remove_stale_temps(final: Path, min_age_s: float = 3600.0) -> None:
-    """Delete temp siblings of ``final`` left by killed processes (dead pid and older than ``min_age_s``)."""
-    for tmp in final.parent.glob(f".{glob.escape(final.name)}.*.*.tmp"):
-        try:
-            pid = int(tmp.name[len(final.name) + 2:].split(".")[0])
-            if time.time() - tmp.stat().st_mtime < min_age_s:
-                continue
-            os.kill(pid, 0)  # raises if no such process
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except (ValueError, OSError):
-            continue
-
-
-@contextmanager
-def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of ``final`` (same filesystem) to fill; rename it to ``final`` on success.
-
-    On an exception the temporary dir is deleted and ``final`` is left untouched. If ``final`` already exists
-    when the block ends (another process won the race), the new copy is discarded and ``final`` kept.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(final)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir()  # unlike mkdtemp (0700), this gets the permissions of any normal mkdir
-    try:
-        yield tmp
-        try:
-            os.rename(tmp, final)  # atomic; fails if final is a non-empty dir
-        except OSError:
-            if not final.exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextmanager
-def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling path of ``final`` to write; it replaces ``final`` atomically on success."""
-    final = Path(final)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_cached(path: str | os.PathLike, read: Callable[[Path], T]) -> T | None:

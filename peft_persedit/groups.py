@@ -32,6 +32,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .atomic import write_text_atomic
 from .config import PersonalizationEditConfig, default_layers
 from .editing.chat import encode, pad_id
 from .editing.clusters import kmeans
@@ -233,9 +234,7 @@ def save_group_adapters(pm: PeftModel, plan: GroupPlan, out: str | os.PathLike[s
     out.mkdir(parents=True, exist_ok=True)
     pm.save_pretrained(out / "groups", selected_adapters=used_groups(plan))
     pm.save_pretrained(out / "users", selected_adapters=list(plan.user_preferences))
-    tmp = out / f".{INDEX}.tmp"
-    tmp.write_text(json.dumps(plan.to_index(), indent=1))
-    tmp.replace(out / INDEX)
+    write_text_atomic(out / INDEX, json.dumps(plan.to_index(), indent=1))
     return out
 
 

@@ -26,11 +26,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from .atomic import write_text_atomic
 
 __all__ = ["MAX_QUESTION_CHARS", "MAX_SUBJECT_CHARS", "MAX_TARGET_CHARS", "Preference", "PreferenceError",
            "load_preferences", "save_preferences"]
@@ -327,7 +328,7 @@ def _check_unique(prefs: Sequence[Preference], name: str) -> None:
 
 
 def save_preferences(prefs: Iterable[Preference], path: str | os.PathLike[str]) -> Path:
-    """Write preferences atomically (temp file + ``os.replace``): a JSON list, or JSONL for a ``.jsonl`` path."""
+    """Write preferences atomically (:func:`.atomic.write_text_atomic`): a JSON list, or JSONL for a ``.jsonl`` path."""
     path = Path(path)
     prefs = list(prefs)
     for i, pref in enumerate(prefs):
@@ -340,14 +341,4 @@ def save_preferences(prefs: Iterable[Preference], path: str | os.PathLike[str]) 
     else:
         text = json.dumps(dicts, indent=1, ensure_ascii=False) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, text, durable=True)

@@ -1,18 +1,17 @@
 """Atomic adapter saves: every file a ``save_pretrained`` writes lands complete, or the old one stays.
 
-Each file is written to a temporary file in the same folder and then ``os.replace``-d over the target
-(atomic on POSIX and Windows). Inside :func:`save_transaction` the renames are deferred to the end, so a save
-that fails midway (a full disk, an interrupt, a serialization error) leaves every file of the old adapter as
-it was. :func:`install` makes ``PeftModel.save_pretrained`` run as one transaction and peft's
-``safe_save_file`` write atomically, for every adapter type (the behaviour is otherwise unchanged).
+Each file is written through :func:`.atomic.atomic_file`: a temporary file in the same folder, flushed and
+``os.replace``-d over the target (a replaced file keeps its permissions). Inside :func:`save_transaction` the
+renames are deferred to the end, so a save that fails midway (a full disk, an interrupt, a serialization error)
+leaves every file of the old adapter as it was. :func:`install` makes ``PeftModel.save_pretrained`` run as one
+transaction and peft's ``safe_save_file`` write atomically, for every adapter type (the behaviour is otherwise
+unchanged).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -22,45 +21,24 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from .atomic import atomic_file, staging_dir
+
 _PENDING: ContextVar[list[tuple[str, str]] | None] = ContextVar("persedit_pending_renames", default=None)
 _MARK = "__persedit_wrapped__"
 
 
-def _file_mode(target: str) -> int:
-    """Permissions for a new file at ``target``: the old file's, else 0o666 less the umask (as ``open`` would)."""
-    try:
-        return os.stat(target).st_mode & 0o777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def temp_path(target: str | os.PathLike) -> str:
-    """An empty temporary file next to ``target`` (same folder, so ``os.replace`` is atomic)."""
-    target = os.fspath(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp",
-                               dir=os.path.dirname(target) or ".")
-    os.close(fd)
-    return tmp
-
-
-def commit(tmp: str, target: str | os.PathLike) -> None:
-    """Flush ``tmp`` to disk and move it over ``target`` (at the end of the open transaction, if any)."""
-    target = os.fspath(target)
-    os.chmod(tmp, _file_mode(target))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+def _replace_or_defer(tmp: Path, target: Path) -> None:
+    """``os.replace(tmp, target)`` now, or at the end of the open :func:`save_transaction`."""
     pending = _PENDING.get()
     if pending is None:
         os.replace(tmp, target)
     else:
-        pending.append((tmp, target))
+        pending.append((str(tmp), str(target)))
 
 
 @contextmanager
 def save_transaction() -> Iterator[None]:
-    """Defer the renames of :func:`commit` until the block ends without error; drop the temp files otherwise."""
+    """Defer the renames of :func:`write_atomically` until the block ends without error; else drop the temp files."""
     if _PENDING.get() is not None:  # nested: the outer transaction commits
         yield
         return
@@ -79,14 +57,10 @@ def save_transaction() -> Iterator[None]:
 
 
 def write_atomically(write: Callable[[str], Any], target: str | os.PathLike) -> None:
-    """Run ``write(tmp_path)`` and commit the result to ``target``; the temp file is removed if it fails."""
-    tmp = temp_path(target)
-    try:
-        write(tmp)
-        commit(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Run ``write(tmp_path)`` and commit the result to ``target`` (flushed to disk; renamed at the end of the
+    open transaction, if any); the temp file is removed if it fails."""
+    with atomic_file(target, durable=True, replace=_replace_or_defer) as tmp:
+        write(str(tmp))
 
 
 def atomic_safe_save_file(tensors: dict[str, torch.Tensor], filename: str | os.PathLike,
@@ -101,19 +75,10 @@ setattr(atomic_safe_save_file, _MARK, True)
 def save_dir_file_atomically(save: Callable[[str], None], directory: str | os.PathLike, name: str) -> None:
     """Commit ``name`` as written by ``save(folder)`` into ``directory``, atomically (``save`` writes a staging
     folder inside ``directory``)."""
-    os.makedirs(directory, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".persedit-save-", dir=directory)
-    try:
-        save(staging)
-        tmp = temp_path(os.path.join(directory, name))
-        os.replace(os.path.join(staging, name), tmp)
-        try:
-            commit(tmp, os.path.join(directory, name))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    target = Path(directory) / name
+    with staging_dir(target) as staging:
+        save(str(staging))
+        write_atomically(lambda tmp: os.replace(staging / name, tmp), target)
 
 
 def _transactional(method: Callable[..., Any]) -> Callable[..., Any]:

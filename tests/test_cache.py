@@ -131,7 +131,7 @@ def test_converted_folder_is_keyed_by_gguf_content(cache, tmp_path):
 
 def _tiny_convert(gguf, folder) -> None:
     """Stands in for the GGUF dequantization (tens of seconds): writes a tiny model folder instead."""
-    from peft_persedit.cache import atomic_dir
+    from peft_persedit.atomic import atomic_dir
 
     with atomic_dir(folder) as tmp:
         make_tiny_model("llama").save_pretrained(tmp)

@@ -19,7 +19,8 @@ from tiny_models import (
 from transformers.pytorch_utils import Conv1D
 
 from peft_persedit import default_model
-from peft_persedit.cache import atomic_dir, cache_dir
+from peft_persedit.atomic import atomic_dir
+from peft_persedit.cache import cache_dir
 
 
 def test_cache_dir_env(tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
 """``persedit edit/ask/show/forget/update``, and adapter directories: check ``--out`` before work, save safely.
 
 Saving never deletes or renames a path it did not create: the adapter is saved into a temp sibling folder, then
-each file written there is moved into place with ``os.replace`` (atomic per file; ``adapter_config.json`` last).
+each file written there is moved into place with :func:`.atomic.move_into_place` (atomic per file, a replaced
+file keeps its permissions; ``adapter_config.json`` last).
 Other files in the adapter folder (a README.md or notes of the user's) are left alone.
 """
 
@@ -10,11 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..atomic import move_into_place, staging_dir
 from ..editing.report import EditReport, PreferenceResult
 from ..loading import CONFIG_NAME, check_adapter_dir
 from ..preferences import Preference
@@ -68,9 +68,7 @@ def save_adapter(peft_model, out: str | os.PathLike, report: EditReport | None =
     """Save the adapter (and ``report`` merged into the old ``edit_report.json``) into ``out``; see the module
     docstring. A failure while saving leaves ``out`` as it was."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".new", dir=out.parent))
-    try:
+    with staging_dir(out) as tmp:
         peft_model.save_pretrained(tmp)
         if report is not None:
             merged_report(out, report, drop).save(str(tmp / REPORT_NAME))
@@ -81,9 +79,7 @@ def save_adapter(peft_model, out: str | os.PathLike, report: EditReport | None =
             if src.name == "README.md" and dest.exists():
                 continue  # peft's model card never replaces a README that is already there
             dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            move_into_place(src, dest)
 
 
 def edit_options(args: argparse.Namespace) -> dict:

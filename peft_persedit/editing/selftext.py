@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..cache import atomic_file, cache_dir, prune, read_cached, touch
+from ..atomic import write_text_atomic
+from ..cache import cache_dir, prune, read_cached, touch
 from ..prompts import load_prompt_set
 from .chat import chat_text, encode, pad_batch, pad_id
 
@@ -108,8 +109,7 @@ def _cached_json(name: str, fingerprint: str, build: Callable[[], list[str]]) ->
     if shipped.get("fingerprint") == fingerprint and name in shipped.get("texts", {}):
         return list(shipped["texts"][name])
     value = build()
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(value))
+    write_text_atomic(path, json.dumps(value))
     prune(folder, "[0-9a-f]{16}", KEEP_MODELS)
     return value
 

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..cache import atomic_file, cache_dir, prune, prune_legacy, read_cached, touch
+from ..atomic import atomic_file
+from ..cache import cache_dir, prune, prune_legacy, read_cached, touch
 from .chat import encode, pad_id
 from .keys import layer_inputs
 from .selftext import KEEP_MODELS, model_fingerprint, neutral_corpus

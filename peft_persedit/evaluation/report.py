@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
+from ..atomic import write_text_atomic
 from .config import METHODS
 from .metrics import LOCALITY_METRICS, MULTITURN, QUESTION_METRICS
 
@@ -26,13 +26,6 @@ def _cell(exact: float | None, semantic: float | None = None) -> str:
         return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
 
     return fmt(exact) if semantic is None else f"{fmt(exact)} / {fmt(semantic)}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _row(summary: dict, protocol: str, method: str, turns: list[int]) -> list[str]:
@@ -92,8 +85,8 @@ def write_results(results: dict, out: str | os.PathLike, plots: bool = True) -> 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "results.json", out / "results.md"]
-    _write_atomic(paths[0], json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-    _write_atomic(paths[1], markdown(results) + "\n")
+    write_text_atomic(paths[0], json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    write_text_atomic(paths[1], markdown(results) + "\n")
     if plots:
         from .plots import plot_results
 
