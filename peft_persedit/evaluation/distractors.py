@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..editing.selftext import _cached_json
+from ..editing.selftext import _cached_json, model_fingerprint
 from ..prompts import load_prompt_set
 from .generation import generate_chats, make_chat
 
@@ -41,7 +41,7 @@ def model_distractors(model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_
                                  batch_size=batch_size, desc="distractor answers")
         return [first_sentence(a.text) or "I'm not sure." for a in answers]
 
-    answers = _cached_json(f"distractors_{len(questions)}_{max_new_tokens}", model, build)
+    answers = _cached_json(f"distractors_{len(questions)}_{max_new_tokens}", model_fingerprint(model, tokenizer), build)
     return list(zip(questions, answers))
 
 
