@@ -22,8 +22,8 @@ from transformers.pytorch_utils import Conv1D
 from .bank_checks import LAYOUT, check_state_dict_bank
 from .config import PersonalizationEditConfig, saved_bank_sizes
 from .kernels import EditBank, PackedBank, gated_edit, pack_banks, tensor_version
+from .peft_type import BASE_ADAPTER
 
-BASE_ADAPTER = "__base__"
 _FLOAT_TENSORS = ("keys", "A", "B", "shift")  # ParameterDicts (trainability is a config choice)
 _BUFFER_TENSORS = ("tau", "key_cluster", "rank_cluster", "center")
 _INDEX_TENSORS = ("key_cluster", "rank_cluster")

@@ -14,7 +14,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import TARGET_MODULES_BY_MODEL_TYPE, PersonalizationEditConfig, default_layers, saved_bank_sizes
-from .layer import BASE_ADAPTER, PersEditLayer, PersEditLinear
+from .layer import PersEditLayer, PersEditLinear
+from .peft_type import BASE_ADAPTER
 
 
 def num_hidden_layers(model_config: dict) -> int | None:

@@ -9,6 +9,8 @@ from peft.utils import PeftType
 
 NAME = "persedit"
 PREFIX = "persedit_"
+#: The adapter name that means "no edit" for a row of a mixed-adapter batch (reserved).
+BASE_ADAPTER = "__base__"
 
 
 def add_enum_member(enum_cls: type[enum.Enum], name: str, value: str) -> enum.Enum:

@@ -16,6 +16,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from ..layer import PersEditLinear
+from ..peft_type import BASE_ADAPTER
 from ..preferences import Preference
 from .apply import add_preference_clusters, set_missing_centers
 from .chat import chat_text, encode, pad_id, subject_token_index
@@ -165,7 +166,7 @@ class PersonalizationEditor:
         self.model.eval()
         try:
             pre = (answer_questions(self.model, self.tokenizer, [p.question for _, p in jobs],
-                                    ["__base__"] * len(jobs)) if verify else [""] * len(jobs))
+                                    [BASE_ADAPTER] * len(jobs)) if verify else [""] * len(jobs))
             lap("verify_before")
             members = self.members(jobs)
             lap("clusters")

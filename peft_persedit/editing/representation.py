@@ -35,6 +35,7 @@ from typing import Literal
 
 import torch
 
+from ..peft_type import BASE_ADAPTER
 from ..preferences import Preference
 from ..prompts import load_prompt_set
 from .chat import chat_text, pad_id
@@ -220,7 +221,7 @@ def _add_edits(editor, jobs: list[Job], gates: dict[str, list[ClusterGate]], shi
 
 def _answers(editor, jobs: list[Job], routed: bool) -> list[str]:
     """Greedy answers to the jobs' questions, through their adapters (``routed``) or the base model."""
-    adapters = [a for a, _ in jobs] if routed else ["__base__"] * len(jobs)
+    adapters = [a for a, _ in jobs] if routed else [BASE_ADAPTER] * len(jobs)
     return answer_questions(editor.model, editor.tokenizer, [p.question for _, p in jobs], adapters)
 
 

@@ -22,7 +22,8 @@ from transformers import PreTrainedTokenizerBase
 from ..atomic import write_text_atomic
 from ..cache import cache_dir, prune, read_cached, touch
 from ..prompts import load_prompt_set
-from .chat import chat_text, encode, pad_batch, pad_id
+from .chat import chat_text, encode
+from .decoding import generate_texts
 
 CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You", "Today", "In", "When")
 SHIPPED_FILE = "default_model_selftext.json"
@@ -76,17 +77,11 @@ def model_fingerprint(model: nn.Module, tokenizer: PreTrainedTokenizerBase | Non
 def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_new_tokens: int,
              sample: bool = False, seed: int = 0, batch_size: int = 16) -> list[str]:
     """Continuations of already formatted ``texts`` (left-padded batches; greedy unless ``sample``)."""
-    device = next(model.parameters()).device
-    pad = pad_id(tokenizer)
-    results: list[str] = []
     torch.manual_seed(seed)
-    for start in range(0, len(texts), batch_size):
-        ids, mask = pad_batch([encode(tokenizer, t) for t in texts[start:start + batch_size]], pad, left=True)
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=sample, top_k=5 if sample else None, temperature=1.0 if sample else None,
-                             top_p=None, pad_token_id=pad)
-        results.extend(tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True))
-    return results
+    options = {"do_sample": sample, "top_k": 5 if sample else None, "temperature": 1.0 if sample else None,
+               "top_p": None}
+    return generate_texts(model, tokenizer, [encode(tokenizer, t) for t in texts], max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, options=options)
 
 
 @functools.lru_cache(maxsize=1)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..peft_type import BASE_ADAPTER
 from .chat import pad_batch
 
 
@@ -181,7 +182,7 @@ def _make_chunks(peft_model: nn.Module, requests: list[ValueRequest], rows: list
     chunks = []
     for start in range(0, len(rows), batch_size):
         index = order[start:start + batch_size]
-        adapters = [requests[rows[i].owner].adapter or "__base__" for i in index] if routed else None
+        adapters = [requests[rows[i].owner].adapter or BASE_ADAPTER for i in index] if routed else None
         chunks.append(_Chunk(peft_model, rows, index, pad, adapters, device))
     return chunks
 

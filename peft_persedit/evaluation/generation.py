@@ -11,7 +11,6 @@ steps (left padding, positions from the attention mask as in ``generate``).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,9 +20,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..editing.chat import encode, pad_batch, pad_id
+from ..editing.decoding import generate_batches
+from ..peft_type import BASE_ADAPTER
 
 Chat = tuple[tuple[str, str], ...]
-BASE = "__base__"
 
 
 @dataclass
@@ -62,8 +62,9 @@ def _batches(keys: list, lengths: dict, batch_size: int, desc: str | None):
         yield order[start:start + batch_size]
 
 
-def _adapter_kwargs(batch: list, routed: bool) -> dict:
-    return {"adapter_names": [k[1] or BASE for k in batch]} if routed else {}
+def _routes(keys: list, routed: bool) -> list[str] | None:
+    """The adapter of each request key (``None`` → ``BASE_ADAPTER``), or ``None`` for a plain model."""
+    return [k[1] or BASE_ADAPTER for k in keys] if routed else None
 
 
 @torch.no_grad()
@@ -74,20 +75,18 @@ def generate_chats(model: nn.Module, tokenizer: PreTrainedTokenizerBase, chats: 
     keys = [(chat, adapters[i] if adapters is not None else None) for i, chat in enumerate(chats)]
     unique = list(dict.fromkeys(keys))
     prompts = {k: render(tokenizer, k[0]) for k in unique}
-    pad, stop = pad_id(tokenizer), eos_ids(model, tokenizer)
-    device = next(model.parameters()).device
+    order = sorted(unique, key=lambda k: len(prompts[k]))  # length-sorted batches: little padding
+    stop = eos_ids(model, tokenizer)
     model.eval()
+    batches = generate_batches(model, tokenizer, [prompts[k] for k in order], max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, adapters=_routes(order, adapters is not None), desc=desc)
     done: dict = {}
-    for batch in _batches(unique, {k: len(v) for k, v in prompts.items()}, batch_size, desc):
-        ids, mask = pad_batch([prompts[k] for k in batch], pad, left=True)
-        start = time.perf_counter()
-        routing = _adapter_kwargs(batch, adapters is not None)
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad, **routing)
-        share = (time.perf_counter() - start) / len(batch)
-        for key, row in zip(batch, out[:, ids.shape[1]:].tolist()):
+    for start, (new, seconds) in zip(range(0, len(order), batch_size), batches):
+        batch = order[start:start + batch_size]
+        for key, row in zip(batch, new.tolist()):
             cut = next((i + 1 for i, token in enumerate(row) if token in stop), len(row))
-            done[key] = Generation(tokenizer.decode(row[:cut], skip_special_tokens=True).strip(), row[:cut], share)
+            text = tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
+            done[key] = Generation(text, row[:cut], seconds / len(batch))
     return [done[k] for k in keys]
 
 
@@ -118,7 +117,7 @@ def greedy_unchanged(model: nn.Module, tokenizer: PreTrainedTokenizerBase, chats
     for batch in _batches(unique, {k: len(prompts[k]) + len(k[2]) for k in unique}, batch_size, desc):
         keep = max(len(k[2]) for k in batch) + 1
         logits = tail_logits(model, [prompts[k] + list(k[2]) for k in batch], keep, pad_id(tokenizer),
-                             _adapter_kwargs(batch, adapters is not None).get("adapter_names"))
+                             _routes(batch, adapters is not None))
         for row, key in enumerate(batch):
             n = len(key[2])
             predicted = logits[row, keep - n - 1: keep - 1].argmax(-1).tolist()

@@ -21,11 +21,12 @@ from tqdm.auto import tqdm
 
 from ..data_paths import dataset_path
 from ..editing.selftext import HELD_OUT_PROMPTS
+from ..peft_type import BASE_ADAPTER
 from ..preferences import Preference, load_preferences
 from ..prompts import load_prompt_set
 from .config import EvalConfig
 from .distractors import Pair, history, load_fillers, model_distractors
-from .generation import BASE, Chat, Generation, generate_chats, greedy_unchanged, make_chat
+from .generation import Chat, Generation, generate_chats, greedy_unchanged, make_chat
 from .jobs import JobResult
 from .judge import JudgeItem, LLMJudge
 from .memory import PeakMemory
@@ -97,14 +98,14 @@ class Harness:
         """Greedy answers for (user, question, turns) rows; unpersonalized ones come from / go to the cache."""
         requests = [self._chat(method, *row) for row in rows]
         todo = [i for i, (chat, adapter) in enumerate(requests)
-                if adapter not in (None, BASE) or chat not in self.cache]
+                if adapter not in (None, BASE_ADAPTER) or chat not in self.cache]
         new = generate_chats(method.model, method.tokenizer, [requests[i][0] for i in todo],
                              [requests[i][1] for i in todo] if method.routed else None,
                              max_new_tokens=self.config.max_new_tokens, batch_size=self.config.batch_size,
                              desc=desc if self.config.progress else None)
         out: dict[int, Generation] = dict(zip(todo, new))
         for i, (chat, adapter) in enumerate(requests):
-            if adapter in (None, BASE):
+            if adapter in (None, BASE_ADAPTER):
                 if i in out:
                     self.cache.setdefault(chat, out[i])
                 out[i] = self.cache[chat]

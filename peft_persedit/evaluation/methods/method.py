@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from ...default_model import load_default_model
+from ...peft_type import BASE_ADAPTER
 from ...preferences import Preference
 from ..config import EvalConfig
-from ..generation import BASE
 
 Users = dict[str, list[Preference]]
 
@@ -61,7 +61,7 @@ class AdapterMethod(Method):
     routed = True
 
     def route(self, user: str | None) -> Route:
-        return Route(adapter=user or BASE)
+        return Route(adapter=user or BASE_ADAPTER)
 
     def adapter_bytes(self, user: str) -> int:
         """Size of ``save_pretrained(selected_adapters=[user])``: adapter config + weights."""
