@@ -36,6 +36,14 @@ _TEMPERATURE_MIN = 1e-6
 
 # ----------------------------------------------------------------------------------------------------- kernels
 @triton.jit
+def _tile_entries(order_ptr, tile_start_ptr, tile, count, BLOCK: tl.constexpr):
+    """(mask, entries): the tile's ``count`` ≤ BLOCK entries of ``order``, from its start ``tile_start[tile]``."""
+    slots = tl.arange(0, BLOCK)
+    ok = slots < count
+    return ok, tl.load(order_ptr + tl.load(tile_start_ptr + tile) + slots, mask=ok, other=0)
+
+
+@triton.jit
 def _scores_kernel(x_ptr, center_ptr, keys_ptr, key_cluster_ptr, key_offsets_ptr, cluster_offsets_ptr,
                    order_ptr, tile_adapter_ptr, tile_start_ptr, tile_count_ptr, scores_ptr,
                    d_in, c_max, stride_x, stride_center, stride_keys, eps,
@@ -50,9 +58,7 @@ def _scores_kernel(x_ptr, center_ptr, keys_ptr, key_cluster_ptr, key_offsets_ptr
     key0 = tl.load(key_offsets_ptr + adapter) + tl.program_id(1) * BLOCK_K
     if key0 >= key_end:
         return
-    rows = tl.arange(0, BLOCK_T)
-    row_ok = rows < count
-    tokens = tl.load(order_ptr + tl.load(tile_start_ptr + tile) + rows, mask=row_ok, other=0)
+    row_ok, tokens = _tile_entries(order_ptr, tile_start_ptr, tile, count, BLOCK_T)
     keys = key0 + tl.arange(0, BLOCK_K)
     key_ok = keys < key_end
     dots = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
@@ -112,9 +118,7 @@ def _shrink_kernel(x_ptr, a_ptr, hidden_ptr, pair_order_ptr, pair_token_ptr, pai
     if count == 0:
         return
     cluster = tl.load(tile_cluster_ptr + tile)
-    slots = tl.arange(0, BLOCK_P)
-    slot_ok = slots < count
-    pairs = tl.load(pair_order_ptr + tl.load(tile_start_ptr + tile) + slots, mask=slot_ok, other=0)
+    slot_ok, pairs = _tile_entries(pair_order_ptr, tile_start_ptr, tile, count, BLOCK_P)
     tokens = tl.load(pair_token_ptr + pairs, mask=slot_ok, other=0)
     gates = tl.load(pair_gate_ptr + pairs, mask=slot_ok, other=0.0)
     rank0 = tl.load(rank_start_ptr + cluster)
