@@ -69,10 +69,10 @@ def random_history(pairs: list[tuple[str, str]], rng: random.Random, low: int = 
     return tuple(m for q, a in turns for m in (("user", q), ("assistant", a)))
 
 
-def router_features(model: nn.Module, tokenizer: PreTrainedTokenizerBase, module: nn.Module, train: list[dict],
-                    neutrals: list[str], pairs: list[tuple[str, str]], pad: int,
-                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generation-prompt features [N·4, d] and labels (attribute type id; −1 = neutral) for the router."""
+def router_features(model: nn.Module, tokenizer: PreTrainedTokenizerBase, modules: list[nn.Module],
+                    train: list[dict], neutrals: list[str], pairs: list[tuple[str, str]], pad: int,
+                    seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Generation-prompt features [N·4, d] per module and labels (attribute type id; −1 = neutral)."""
     rng = random.Random(seed)
     types = sorted({x["attribute_type"] for x in train})
     chats, labels = [], []
@@ -89,6 +89,6 @@ def router_features(model: nn.Module, tokenizer: PreTrainedTokenizerBase, module
             chats.append(make_chat(p, history=hist))
             labels.append(-1)
     seqs = [render(tokenizer, c) for c in chats]
-    feats = tail_inputs(model, module, seqs, pad, N_TAIL, desc="router features")
+    feats = tail_inputs(model, modules, seqs, pad, N_TAIL, desc="router features")
     lab = torch.tensor(labels).repeat_interleave(N_TAIL)
-    return feats.reshape(-1, feats.shape[-1]), lab
+    return [f.reshape(-1, f.shape[-1]) for f in feats], lab

@@ -41,17 +41,26 @@ from peft_persedit.evaluation.distractors import model_distractors
 from peft_persedit.evaluation.generation import make_chat, render
 
 
-def build_router(model, tokenizer, module, layer: int, args) -> tuple[ScopeRouter, float]:
-    """Train (or load the cached) scope router; returns it and the build seconds."""
-    path = cache_dir("scope", model_fingerprint(model)) / f"router_L{layer}_r{args.rank}_s{args.router_steps}.pt"
+def build_router(model, tokenizer, layer: int, args) -> tuple[ScopeRouter, float]:
+    """Train (or load the cached) scope router; features of all ``--feature-layers`` come from one pass and are
+    cached too. Returns the router and the build seconds (features + training)."""
+    root = cache_dir("scope", model_fingerprint(model))
+    path = root / f"router_L{layer}_r{args.rank}_s{args.router_steps}.pt"
     if path.is_file() and not args.retrain:
         return ScopeRouter.from_state(torch.load(path)), 0.0
     start = time.perf_counter()
-    _, _, train = load_splits()
-    _, router_neutral, _ = neutral_split()
-    pairs = history_pairs(model, tokenizer, router_neutral)
-    feats, labels = router_features(model, tokenizer, module, train, router_neutral, pairs, pad_id(tokenizer))
-    router = train_router(feats, labels, layer, rank=args.rank, steps=args.router_steps)
+    feat_path = root / f"features_L{layer}.pt"
+    if not feat_path.is_file():
+        _, _, train = load_splits()
+        _, router_neutral, _ = neutral_split()
+        pairs = history_pairs(model, tokenizer, router_neutral)
+        layers = sorted(set(args.feature_layers) | {layer})
+        modules = [model.model.layers[li].mlp.down_proj for li in layers]
+        feats, labels = router_features(model, tokenizer, modules, train, router_neutral, pairs, pad_id(tokenizer))
+        for li, f in zip(layers, feats):
+            torch.save({"features": f, "labels": labels}, root / f"features_L{li}.pt")
+    data = torch.load(feat_path)
+    router = train_router(data["features"], data["labels"], layer, rank=args.rank, steps=args.router_steps)
     torch.save(router.state(), path)
     return router, time.perf_counter() - start
 
@@ -136,6 +145,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--router-steps", type=int, default=400)
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--build-only", action="store_true", help="build (and cache) the router, then stop")
+    parser.add_argument("--feature-layers", type=int, nargs="*", default=[], help="more layers to cache features of")
     parser.add_argument("--singles", type=int, default=20)
     parser.add_argument("--contexts", type=int, default=2)
     parser.add_argument("--value-steps", type=int, default=30)
@@ -154,7 +165,10 @@ def main() -> None:
     model, tokenizer = load_default_model()
     model.eval()
     module = model.model.layers[args.layer].mlp.down_proj
-    router, build_s = build_router(model, tokenizer, module, args.layer, args)
+    router, build_s = build_router(model, tokenizer, args.layer, args)
+    print(f"router L{args.layer}: {build_s:.1f} s")
+    if args.build_only:
+        return
     b100, c9, _ = load_splits()
     _, router_neutral, calib_neutral = neutral_split()
     pairs = history_pairs(model, tokenizer, router_neutral)

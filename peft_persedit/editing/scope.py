@@ -16,6 +16,7 @@ with a KV cache).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,17 +31,23 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def tail_inputs(model: nn.Module, module: nn.Module, sequences: list[list[int]], pad: int, n_tail: int = 4,
-                batch_size: int = 32, desc: str | None = None) -> torch.Tensor:
-    """Inputs of ``module`` at the last ``n_tail`` tokens of each sequence, [N, n_tail, d_in] (early exit)."""
-    out: list[torch.Tensor] = []
+def tail_inputs(model: nn.Module, module: nn.Module | Sequence[nn.Module], sequences: list[list[int]], pad: int,
+                n_tail: int = 4, batch_size: int = 32, desc: str | None = None) -> torch.Tensor | list[torch.Tensor]:
+    """Inputs of ``module`` at the last ``n_tail`` tokens of each sequence, [N, n_tail, d_in] (early exit after
+    it); for a list of modules (in forward order), one such tensor per module from the same forward passes."""
+    modules = [module] if isinstance(module, nn.Module) else list(module)
+    out: list[list[torch.Tensor]] = [[] for _ in modules]
 
-    def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else kwargs["x"]
-        out.append(x[:, -n_tail:].float().cpu())
-        raise _Stop
+    def make_hook(slot: int):
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else kwargs["x"]
+            out[slot].append(x[:, -n_tail:].float().cpu())
+            if slot == len(modules) - 1:
+                raise _Stop
 
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, m in enumerate(modules)]
     device = next(model.parameters()).device
     try:
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
@@ -53,9 +60,11 @@ def tail_inputs(model: nn.Module, module: nn.Module, sequences: list[list[int]],
             except _Stop:
                 pass
     finally:
-        handle.remove()
-    feats = torch.cat(out) if out else torch.zeros(0, n_tail, 0)
-    return feats[torch.argsort(torch.tensor(order))] if out else feats
+        for handle in handles:
+            handle.remove()
+    inverse = torch.argsort(torch.tensor(order)) if sequences else None
+    feats = [torch.cat(o)[inverse] if o else torch.zeros(0, n_tail, 0) for o in out]
+    return feats[0] if isinstance(module, nn.Module) else feats
 
 
 @dataclass
