@@ -3,6 +3,7 @@ substring, gate-fire diagnostics at the generation prompt, locality as unchanged
 
 from __future__ import annotations
 
+import random
 import time
 from collections import defaultdict
 
@@ -113,7 +114,8 @@ def locality(model, tokenizer, bank: TopicBank, b100: list[dict], users: dict[st
         others = [x for x in b100 if x["attribute_type"] not in mine]
         sets["neutral"] += [(u_idx, p) for p in held_out]
         sets["other"] += [(u_idx, q) for q in dict.fromkeys(x["question"] for x in others)]
-        sets["other_strict"] += [(u_idx, q) for q in dict.fromkeys(x[f] for x in others for f in EVAL_FIELDS)]
+        strict = list(dict.fromkeys(x[f] for x in others for f in EVAL_FIELDS))
+        sets["other_strict"] += [(u_idx, q) for q in random.Random(u_idx).sample(strict, min(40, len(strict)))]
     result = {}
     for name, pairs in sets.items():
         if not pairs:

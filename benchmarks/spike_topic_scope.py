@@ -82,7 +82,7 @@ def edit_chats(item_c9: dict, pairs, rng: random.Random, contexts: int) -> list[
     out = []
     for q in variant_questions(item_c9):
         out.append(make_chat(q))
-        out += [make_chat(q, history=random_history(pairs, rng)) for _ in range(contexts)]
+        out += [make_chat(q, history=random_history(pairs, rng, 1, 3)) for _ in range(contexts)]
     return out
 
 
@@ -102,7 +102,7 @@ def edit_all(model, pm, tokenizer, module, router, b100, c9, users, pairs, calib
     requests = []
     for j, (_, i) in enumerate(jobs):
         seqs = [flat[k] for k in (owner == j).nonzero().flatten().tolist()]
-        prompts = [(s, len(s) - N_TAIL) for k, s in enumerate(seqs) if k % (args.contexts + 1) < 2]  # bare + 1
+        prompts = [(s, len(s) - N_TAIL) for k, s in enumerate(seqs) if k % (args.contexts + 1) <= args.value_contexts]
         requests.append(ValueRequest(prompts, encode(tokenizer, b100[i]["target"])))
     values = optimize_values(pm, module, requests, pad, steps=args.value_steps, lr=args.value_lr, kl_weight=0.0,
                              clamp_norm_factor=args.clamp, span=N_TAIL)
@@ -148,7 +148,8 @@ def main() -> None:
     parser.add_argument("--build-only", action="store_true", help="build (and cache) the router, then stop")
     parser.add_argument("--feature-layers", type=int, nargs="*", default=[], help="more layers to cache features of")
     parser.add_argument("--singles", type=int, default=20)
-    parser.add_argument("--contexts", type=int, default=2)
+    parser.add_argument("--contexts", type=int, default=1, help="random 1-3 turn histories per key question")
+    parser.add_argument("--value-contexts", type=int, default=0, help="of those, how many also train δ")
     parser.add_argument("--value-steps", type=int, default=30)
     parser.add_argument("--value-lr", type=float, default=0.5)
     parser.add_argument("--clamp", type=float, default=4.0)
