@@ -45,7 +45,8 @@ def build_router(model, tokenizer, layer: int, args) -> tuple[ScopeRouter, float
     """Train (or load the cached) scope router; features of all ``--feature-layers`` come from one pass and are
     cached too. Returns the router and the build seconds (features + training)."""
     root = cache_dir("scope", model_fingerprint(model))
-    path = root / f"router_L{layer}_r{args.rank}_s{args.router_steps}.pt"
+    tag = "_c9" if args.router_c9 else ""
+    path = root / f"router_L{layer}_r{args.rank}_s{args.router_steps}{tag}.pt"
     if path.is_file() and not args.retrain:
         return ScopeRouter.from_state(torch.load(path)), 0.0
     start = time.perf_counter()
@@ -60,9 +61,30 @@ def build_router(model, tokenizer, layer: int, args) -> tuple[ScopeRouter, float
         for li, f in zip(layers, feats):
             torch.save({"features": f, "labels": labels}, root / f"features_L{li}.pt")
     data = torch.load(feat_path)
-    router = train_router(data["features"], data["labels"], layer, rank=args.rank, steps=args.router_steps)
+    feats, labels = data["features"], data["labels"]
+    if args.router_c9:  # + balanced100's cluster9 variant questions (allowed keys), labelled by type: seen types
+        extra, extra_labels = c9_features(model, tokenizer, layer, int(labels.max()) + 1)
+        feats, labels = torch.cat([feats, extra]), torch.cat([labels, extra_labels])
+    router = train_router(feats, labels, layer, rank=args.rank, steps=args.router_steps)
     torch.save(router.state(), path)
     return router, time.perf_counter() - start
+
+
+def c9_features(model, tokenizer, layer: int, first_label: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generation-prompt features of balanced100's cluster9 variant questions (bare + one short history)."""
+    b100, c9, _ = load_splits()
+    _, router_neutral, _ = neutral_split()
+    pairs = history_pairs(model, tokenizer, router_neutral)
+    rng = random.Random(2)
+    types = sorted({x["attribute_type"] for x in b100})
+    chats, labels = [], []
+    for x, c in zip(b100, c9):
+        for q in variant_questions(c):
+            chats += [make_chat(q), make_chat(q, history=random_history(pairs, rng, 1, 3))]
+            labels += [first_label + types.index(x["attribute_type"])] * 2
+    module = model.model.layers[layer].mlp.down_proj
+    feats = tail_inputs(model, module, [render(tokenizer, c) for c in chats], pad_id(tokenizer), N_TAIL)
+    return feats.reshape(-1, feats.shape[-1]), torch.tensor(labels).repeat_interleave(N_TAIL)
 
 
 def pick_users(b100: list[dict], c9: list[dict], singles: int) -> dict[str, list[int]]:
@@ -145,6 +167,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--router-steps", type=int, default=400)
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--router-c9", action="store_true", help="also train the router on balanced100 cluster9")
     parser.add_argument("--build-only", action="store_true", help="build (and cache) the router, then stop")
     parser.add_argument("--feature-layers", type=int, nargs="*", default=[], help="more layers to cache features of")
     parser.add_argument("--singles", type=int, default=20)
