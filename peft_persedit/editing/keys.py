@@ -9,7 +9,8 @@ mean x̄(q) = 1/(n+1) Σ_j x(q, c_j), then k-means compresses the 2m keys to ≤
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -23,6 +24,36 @@ class _StopForward(Exception):
     pass
 
 
+@contextmanager
+def captured_inputs(modules: Sequence[nn.Module], select: Callable[[torch.Tensor], torch.Tensor]
+                    ) -> Iterator[tuple[list[list[torch.Tensor]], Callable[..., None]]]:
+    """Pre-hooks appending ``select(x)`` of each module's input ``x`` to one list per module; yields
+    ``(captured, run)`` where ``run(**forward_kwargs)`` runs the model's forward and stops it after the last module
+    (layers above it are never run)."""
+    captured: list[list[torch.Tensor]] = [[] for _ in modules]
+
+    def make_hook(slot: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured[slot].append(select(args[0] if args else kwargs["x"]))
+            if slot == len(modules) - 1:
+                raise _StopForward
+
+        return hook
+
+    def run(model: nn.Module, **forward_kwargs: torch.Tensor) -> None:
+        try:
+            model(**forward_kwargs)
+        except _StopForward:
+            pass
+
+    handles = [m.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, m in enumerate(modules)]
+    try:
+        yield captured, run
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def layer_inputs(model: nn.Module, modules: Sequence[nn.Module], sequences: list[list[int]], pad: int,
                  positions: list[int] | None = None, batch_size: int = 32, desc: str | None = None
@@ -32,37 +63,21 @@ def layer_inputs(model: nn.Module, modules: Sequence[nn.Module], sequences: list
     ``positions=None`` returns every (non-pad) token of every sequence instead. The forward pass stops
     after the last module (layers above it are never run).
     """
-    outputs: list[list[torch.Tensor]] = [[] for _ in modules]
     state: dict[str, torch.Tensor] = {}
 
-    def make_hook(slot: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else kwargs["x"]
-            if positions is None:
-                outputs[slot].append(x[state["mask"]].float())
-            else:
-                outputs[slot].append(x[torch.arange(x.shape[0]), state["pos"]].float())
-            if slot == len(modules) - 1:
-                raise _StopForward
+    def select(x: torch.Tensor) -> torch.Tensor:
+        if positions is None:
+            return x[state["mask"]].float()
+        return x[torch.arange(x.shape[0]), state["pos"]].float()
 
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, m in enumerate(modules)]
     device = next(model.parameters()).device
-    try:
-        starts = range(0, len(sequences), batch_size)
-        for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
+    with captured_inputs(modules, select) as (outputs, run):
+        for start in tqdm(range(0, len(sequences), batch_size), desc=desc, disable=desc is None, leave=False):
             ids, mask = pad_batch(sequences[start:start + batch_size], pad)
             state["mask"] = mask.bool().to(device)
             if positions is not None:
                 state["pos"] = torch.tensor(positions[start:start + batch_size], device=device)
-            try:
-                model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            except _StopForward:
-                pass
-    finally:
-        for handle in handles:
-            handle.remove()
+            run(model, input_ids=ids.to(device), attention_mask=mask.to(device))
     d_in = [getattr(m, "in_features", 0) for m in modules]
     return [torch.cat(o) if o else torch.zeros(0, d) for o, d in zip(outputs, d_in)]
 

@@ -158,9 +158,11 @@ def _routing(model: nn.Module, adapters: list[str] | None):
 
 
 class _AddDelta:
-    """Forward hook: adds δ[owner] at suffix position 0 (the subject token); records the original output."""
+    """Forward hook: adds δ[owner] at suffix positions 0..span−1 (the subject token, or a whole generation
+    prompt); records the original output at position 0."""
 
-    def __init__(self) -> None:
+    def __init__(self, span: int = 1) -> None:
+        self.span = span
         self.delta: torch.Tensor | None = None
         self.owner: torch.Tensor | None = None
         self.original: torch.Tensor | None = None
@@ -170,7 +172,7 @@ class _AddDelta:
         if self.delta is None:
             return output
         add = torch.zeros_like(output, dtype=self.delta.dtype)
-        add[:, 0] = self.delta[self.owner]
+        add[:, : self.span] = self.delta[self.owner][:, None]
         return output + add.to(output.dtype)
 
 
@@ -232,12 +234,13 @@ def _backward(peft_model: nn.Module, hook: _AddDelta, chunks: list[_Chunk], delt
 def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[ValueRequest], pad: int, *,
                     steps: int = 25, lr: float = 0.5, kl_weight: float = 0.0625, weight_decay: float = 1e-3,
                     clamp_norm_factor: float = 4.0, nll_stop: float = 0.25, batch_size: int = 32,
-                    progress: bool = True) -> ValueResult:
-    """Optimize δ_i for every request jointly (see module docstring). ``module`` = the edit layer."""
+                    progress: bool = True, span: int = 1) -> ValueResult:
+    """Optimize δ_i for every request jointly (see module docstring). ``module`` = the edit layer; δ_i is
+    added at the first ``span`` tokens from each prompt's index (1: the subject token)."""
     device = next(peft_model.parameters()).device
     rows = _rows(requests, with_kl=kl_weight > 0)
     n = len(requests)
-    hook = _AddDelta()
+    hook = _AddDelta(span)
     handle = module.register_forward_hook(hook)
     flags = [p.requires_grad for p in peft_model.parameters()]
     peft_model.requires_grad_(False)
