@@ -4,6 +4,7 @@ indices in range, finite values. Errors name the tensor; :mod:`.validation` adds
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
@@ -71,3 +72,22 @@ def check_state_dict_bank(tensors: Mapping[str, torch.Tensor], sizes: Mapping[st
     for name, tensor in tensors.items():
         _check_values(key_of[name], name, tensor, sizes["C"])
 
+
+def resize_banks_before_load(module: Any, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook of a PERSEDIT layer: check each adapter's saved bank, then size the bank to it
+    (0 … many clusters)."""
+    for adapter in list(module.persedit_A.keys()):
+        a_key, keys_key, tau_key = (f"{prefix}persedit_{n}.{adapter}" for n in ("A", "keys", "tau"))
+        if a_key not in state_dict and tau_key not in state_dict:
+            continue
+        rank = state_dict[a_key].shape[0] if a_key in state_dict else module.persedit_A[adapter].shape[0]
+        num_keys = state_dict[keys_key].shape[0] if keys_key in state_dict else module.num_keys(adapter)
+        num_clusters = state_dict[tau_key].shape[0] if tau_key in state_dict else module.num_clusters(adapter)
+        key_of = {name: f"{prefix}persedit_{name}.{adapter}" for name in LAYOUT}
+        check_state_dict_bank(  # shapes, indices and finiteness, before anything is copied in
+            {name: state_dict[key] for name, key in key_of.items() if key in state_dict},
+            {"K": num_keys, "C": num_clusters, "R": rank, "in": module.in_features, "out": module.out_features},
+            key_of)
+        if [num_keys, num_clusters, rank] != [module.num_keys(adapter), module.num_clusters(adapter),
+                                              module.persedit_A[adapter].shape[0]]:
+            module.resize_bank(adapter, num_keys, num_clusters, rank)

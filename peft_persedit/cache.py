@@ -4,7 +4,7 @@ Location: ``$PERSEDIT_CACHE`` if set, else the platform's user cache dir (``~/.c
 Contents, all keyed by content (never by a path, so venvs and checkouts share them):
 
 * ``models/SmolLM2-135M-Instruct-<key>`` — the embedded model converted to a plain HF folder (~520 MB), keyed
-  by the GGUF's sha256 and the conversion version; only the newest is kept.
+  by the GGUF's sha256, the conversion version and the transformers major version; two are kept.
 * ``stats-v3/<fingerprint>`` — per model and edit layer, μ, C and a sample of layer inputs (~20 MB per layer);
   ``selftext/<fingerprint>`` — the model's self-generated neutral text (~25 KB). The 8 most recently used
   models are kept.

@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .atomic import atomic_dir
@@ -90,8 +91,9 @@ _FOLDER_PATTERN = re.escape(DEFAULT_MODEL_NAME) + r"-[0-9a-f]{12}"
 
 
 def _cached_folder(gguf: Path) -> Path:
-    """The cache folder for ``gguf``, keyed on its content and the conversion version."""
-    key = f"{gguf_sha256(gguf)}:{CONVERSION_VERSION}"
+    """The cache folder for ``gguf``, keyed on its content, the conversion version and transformers' major version
+    (a folder saved by transformers 5 does not load in transformers 4)."""
+    key = f"{gguf_sha256(gguf)}:{CONVERSION_VERSION}:transformers{transformers.__version__.split('.')[0]}"
     return cache_dir("models") / f"{DEFAULT_MODEL_NAME}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -121,13 +123,13 @@ def _convert(gguf: Path, folder: Path) -> None:
 
 
 def default_model_dir() -> Path:
-    """The cached HF folder of the embedded model, converting the GGUF on first use (and then deleting the
-    folders of other GGUFs or conversion versions)."""
+    """The cached HF folder of the embedded model, converting the GGUF on first use (and then deleting all but the
+    most recently used other folder: another GGUF, conversion or transformers version)."""
     gguf = gguf_path()
     folder = _cached_folder(gguf)
     if not (folder / "config.json").is_file():
         _convert(gguf, folder)
-        prune(folder, _FOLDER_PATTERN)
+        prune(folder, _FOLDER_PATTERN, max_entries=2)
     return folder
 
 

@@ -19,7 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .bank_checks import LAYOUT, check_state_dict_bank
+from .bank_checks import resize_banks_before_load
 from .config import PersonalizationEditConfig, saved_bank_sizes
 from .kernels import EditBank, PackedBank, gated_edit, pack_banks, tensor_version
 from .peft_type import BASE_ADAPTER
@@ -60,7 +60,7 @@ class PersEditLayer(BaseTunerLayer):
                 f"PERSEDIT can only wrap nn.Linear or transformers Conv1D layers, got {type(base).__name__}; "
                 "pick the MLP output projection with target_modules"
             )
-        self.register_load_state_dict_pre_hook(_resize_banks_before_load)
+        self.register_load_state_dict_pre_hook(resize_banks_before_load)
 
     # ----------------------------------------------------------------------------------------------- banks
     def _tensor(self, name: str, adapter: str) -> torch.Tensor:
@@ -83,6 +83,14 @@ class PersEditLayer(BaseTunerLayer):
         if adapter in self.persedit_sizes:
             sizes = [self.num_keys(adapter), self.num_clusters(adapter), int(self.persedit_A[adapter].shape[0])]
             self.persedit_sizes[adapter][self.persedit_key] = sizes
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """peft's move, with the cluster-index buffers kept integral (peft 0.18 casts them to W's dtype)."""
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        for name in _INDEX_TENSORS:
+            index = self._tensor(name, adapter_name) if adapter_name in getattr(self, f"persedit_{name}") else None
+            if index is not None and index.is_floating_point():
+                self._set_tensor(name, adapter_name, index.long())
 
     def update_layer(self, adapter_name: str, config: PersonalizationEditConfig, **kwargs: Any) -> None:
         """Create an empty bank for ``adapter_name`` (or ``init_clusters`` always-on clusters: B = 0, or random
@@ -306,27 +314,6 @@ def _pack(banks: list[EditBank]) -> PackedBank:
     if bank.tau.dtype == torch.float32:
         live["tau"] = bank.tau
     return dataclasses.replace(packed, **live)
-
-
-def _resize_banks_before_load(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    """Load-state-dict pre-hook: check each adapter's saved bank, then size the bank to it (0 … many clusters)."""
-    if not isinstance(module, PersEditLayer):
-        return
-    for adapter in list(module.persedit_A.keys()):
-        a_key, keys_key, tau_key = (f"{prefix}persedit_{n}.{adapter}" for n in ("A", "keys", "tau"))
-        if a_key not in state_dict and tau_key not in state_dict:
-            continue
-        rank = state_dict[a_key].shape[0] if a_key in state_dict else module.persedit_A[adapter].shape[0]
-        num_keys = state_dict[keys_key].shape[0] if keys_key in state_dict else module.num_keys(adapter)
-        num_clusters = state_dict[tau_key].shape[0] if tau_key in state_dict else module.num_clusters(adapter)
-        key_of = {name: f"{prefix}persedit_{name}.{adapter}" for name in LAYOUT}
-        check_state_dict_bank(  # shapes, indices and finiteness, before anything is copied in
-            {name: state_dict[key] for name, key in key_of.items() if key in state_dict},
-            {"K": num_keys, "C": num_clusters, "R": rank, "in": module.in_features, "out": module.out_features},
-            key_of)
-        if [num_keys, num_clusters, rank] != [module.num_keys(adapter), module.num_clusters(adapter),
-                                              module.persedit_A[adapter].shape[0]]:
-            module.resize_bank(adapter, num_keys, num_clusters, rank)
 
 
 class PersEditLinear(nn.Module, PersEditLayer):

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 from peft_persedit import PersonalizationEditConfig, load_default_model
 from peft_persedit.default_model import DEFAULT_MODEL_NAME, GGUF_FILE, gguf_path, gguf_sha256
@@ -43,7 +44,7 @@ def build() -> dict:
     print(f"generated in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return {"model": DEFAULT_MODEL_NAME, "gguf": GGUF_FILE, "gguf_sha256": gguf_sha256(gguf_path()),
             "fingerprint": selftext.model_fingerprint(model, tokenizer), "made_by": "scripts/build_default_selftext.py",
-            "torch": torch.__version__, "texts": texts}
+            "torch": torch.__version__, "transformers": transformers.__version__, "texts": texts}
 
 
 def main() -> int:
@@ -53,7 +54,7 @@ def main() -> int:
     record = build()
     if args.check:
         shipped = json.loads(OUT.read_text())
-        same = {k: shipped.get(k) == v for k, v in record.items() if k != "torch"}
+        same = {k: shipped.get(k) == v for k, v in record.items() if k not in ("torch", "transformers")}
         print(json.dumps(same, indent=1))
         return 0 if all(same.values()) else 1
     OUT.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 
 import pytest
 import torch
+import transformers
 from helpers import edit_layers
 from peft import get_peft_model
 from tiny_models import make_tiny_model, tiny_tokenizer
@@ -144,14 +146,16 @@ def test_default_model_folder_is_shared_bounded_and_repaired(cache, tmp_path, mo
     monkeypatch.setattr(default_model, "_convert", _tiny_convert)
     models = cache / "models"
     models.mkdir(parents=True)
-    stale = models / f"{default_model.DEFAULT_MODEL_NAME}-0123456789ab"
+    older, recent = (models / f"{default_model.DEFAULT_MODEL_NAME}-{key}" for key in ("0123456789ab", "ba9876543210"))
     unrelated = [models / "my-notes", models / f"{default_model.DEFAULT_MODEL_NAME}-keep-me"]
-    for path in [stale, *unrelated]:
+    for path in [older, recent, *unrelated]:
         path.mkdir()
+    os.utime(older, (time.time() - 3600,) * 2)
     model, _ = default_model.load_default_model()
     expected = {k: t.clone() for k, t in model.state_dict().items()}
     folder = default_model._cached_folder(gguf)
-    assert sorted(models.iterdir()) == sorted([folder, *unrelated])  # the other converted copy is gone
+    # bounded: the most recently used other copy (e.g. another transformers version's) stays, older ones go
+    assert sorted(models.iterdir()) == sorted([folder, recent, *unrelated])
     weights = folder / "model.safetensors"
     damaged = weights.read_bytes()[:100]
     weights.unlink()  # (not truncated in place: the loaded model may still map the file)
@@ -165,6 +169,9 @@ def test_default_model_folder_is_shared_bounded_and_repaired(cache, tmp_path, mo
 def test_shipped_selftext_matches_the_embedded_model(smol):
     model, tokenizer = smol
     shipped = selftext.shipped_texts()
+    made_with = shipped["transformers"].split(".")[0]
+    if transformers.__version__.split(".")[0] != made_with:  # its GGUF conversion gives another tokenizer (eos)
+        pytest.skip(f"shipped text is for transformers {made_with}.x; this one generates its own")
     assert shipped["gguf_sha256"] == default_model.gguf_sha256(default_model.gguf_path())
     assert shipped["fingerprint"] == model_fingerprint(model, tokenizer)  # so the default path generates nothing
     assert set(shipped["texts"]) == {f"contexts_{PersonalizationEditConfig().contexts}_10", selftext.corpus_name()}

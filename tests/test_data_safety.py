@@ -253,7 +253,7 @@ def test_transformers_model_with_adapter_push_is_private(offline_hub, tmp_path):
     del model.save_pretrained
     with pytest.warns(UserWarning, match="PRIVATE"):
         try:
-            model.save_pretrained(tmp_path / "push", push_to_hub=True, repo_id="user/alice")
+            model.save_pretrained(str(tmp_path / "push"), push_to_hub=True, repo_id="user/alice")
         except ValueError as err:  # transformers 5 saves adapters only with peft >= 0.22 (after creating the repo)
             assert "version of PEFT" in str(err)
     assert offline_hub["private"] == [True, True]

@@ -17,7 +17,7 @@ from importlib import resources
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from ..atomic import write_text_atomic
 from ..cache import cache_dir, prune, read_cached, touch
@@ -57,14 +57,28 @@ def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
     return digest.hexdigest()
 
 
+def architecture(config: PretrainedConfig) -> dict:
+    """The config's architecture hyperparameters, written the same way by transformers 4 and 5: values equal to
+    the base ``PretrainedConfig`` defaults (transformers 4's generation settings), ``None`` and where/how the model
+    was loaded are left out, RoPE settings are flattened (``rope_parameters`` → ``rope_theta``/``rope_scaling``);
+    ``tie_word_embeddings`` is left to the weights (tied weights are one parameter)."""
+    raw = dict(config.to_dict())
+    rope = raw.pop("rope_parameters", None) or {}
+    raw.setdefault("rope_theta", rope.get("rope_theta"))
+    if rope.get("rope_type", "default") != "default":
+        raw["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    defaults = PretrainedConfig().to_dict()
+    return {k: v for k, v in raw.items() if v is not None and k not in _VOLATILE_CONFIG | {"tie_word_embeddings"}
+            and not (k in defaults and defaults[k] == v)}
+
+
 def model_fingerprint(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
-    """A short content hash identifying cached self-generated text and statistics: the config (minus where and
-    how it was loaded), every base weight's shape, dtype and an evenly spaced sample of its values, and the
+    """A short content hash identifying cached self-generated text and statistics: the config's
+    :func:`architecture`, every base weight's shape, dtype and an evenly spaced sample of its values, and the
     tokenizer's :func:`tokenizer_digest`. Independent of paths and of peft wrapping (PERSEDIT banks are left
     out); costs a few ms on CPU. A change confined to a few weights between the sampled ones goes unnoticed."""
     config = getattr(model, "config", None)
-    config_dict = {k: v for k, v in (config.to_dict() if config else {}).items() if k not in _VOLATILE_CONFIG}
-    digest = hashlib.sha256(json.dumps(config_dict, sort_keys=True, default=str).encode())
+    digest = hashlib.sha256(json.dumps(architecture(config) if config else {}, sort_keys=True, default=str).encode())
     for name, param in model.named_parameters():
         if "persedit_" not in name:
             digest.update(_tensor_sample(param))
