@@ -96,6 +96,9 @@ class PersonalizationEditConfig(PeftConfig):
     preserve_leaks: int = field(default=32, metadata={
         "help": "Negative inputs a gate cannot exclude that the cluster's delta must map to 0 (at most, per cluster)."})
     value_questions: int = field(default=1, metadata={"help": "Cluster questions v* is optimized on."})
+    value_histories: list[int] = field(default_factory=list, metadata={
+        "help": "v* is also optimized after this many earlier chat turns (the model's own answers to neutral "
+                "prompts), one prompt per entry, so that edits hold deep in a conversation."})
     synonyms: int = field(default=4, metadata={"help": "Synonyms asked of the model when none are given."})
     contexts: int = field(default=3, metadata={"help": "Self-generated context prefixes keys average over."})
     bank_sizes: dict[str, list[int]] = field(

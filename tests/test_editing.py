@@ -219,3 +219,33 @@ def test_synonym_keys_never_sit_inside_another_members_question():
     short = Preference("food", "What's my food?", "Granola")
     assert cluster_members(short, ["food preference", "meal"]) == [("What's my food?", "food"),
                                                                    ("What's my meal?", "meal")]
+
+
+def test_values_are_also_fit_after_earlier_chat_turns(tokenizer, monkeypatch):
+    """value_histories=[1, 2]: each preference's δ is optimized on its question bare and after 1 and 2 turns of
+    the model's own chat (its answers to held-in neutral prompts), ending in the same question."""
+    from peft_persedit.editing import editor as editor_module
+    from peft_persedit.editing.selftext import chat_turns
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.extend(args[2])
+        return optimize(*args, **kwargs)
+
+    optimize = editor_module.optimize_values
+    monkeypatch.setattr(editor_module, "optimize_values", spy)
+    pm = tiny_pm(value_histories=[1, 2])
+    PersonalizationEditor(pm, tokenizer, progress=False).edit(PREFS[1:], verify=False)
+    with pm.disable_adapter():
+        turns = chat_turns(pm, tokenizer)
+    assert [len(request.prompts) for request in seen] == [3, 3]
+    for request, pref in zip(seen, PREFS[1:]):
+        texts = [tokenizer.decode(ids) for ids, _ in request.prompts]
+        assert texts[0] == tokenizer.decode(encode(tokenizer, chat_text(tokenizer, pref.question)))
+        for text, count in zip(texts[1:], (1, 2)):
+            held = [text.rfind(p) for p, _ in turns if p in text]
+            assert len(held) >= count and text.rfind(pref.question) > max(held)  # the question comes last
+        for ids, index in request.prompts:  # the key token is the subject's, in the final question
+            assert pref.subject in tokenizer.decode(ids[: index + 1])[-len(pref.subject) - 2:]
+    assert edit_layers(pm)[0].num_clusters("default") == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -12,12 +13,17 @@ class SubjectNotFoundError(ValueError):
     """The preference's subject does not occur in its question."""
 
 
-def chat_text(tokenizer: PreTrainedTokenizerBase, question: str, system: str | None = None) -> str:
-    """``question`` as the model sees it at inference: the chat template with the generation prompt."""
+def chat_text(tokenizer: PreTrainedTokenizerBase, question: str, system: str | None = None,
+              history: Sequence[tuple[str, str]] = ()) -> str:
+    """``question`` as the model sees it at inference: the chat template with the generation prompt, after the
+    earlier ``history`` turns (user, assistant)."""
+    turns = [text for pair in history for text in pair]
     if getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+        messages = [{"role": "system", "content": system}] if system else []
+        messages += [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]
+        messages.append({"role": "user", "content": question})
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return f"{system}\n{question}\n" if system else f"{question}\n"
+    return "".join(f"{line}\n" for line in ([system] if system else []) + turns + [question])
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +24,7 @@ from .clusters import cluster_members, model_synonyms
 from .gate import GateCalibration, calibrate, cluster_max_scores, leaked_inputs, own_subject_mask
 from .keys import cluster_keys, layer_inputs
 from .report import EditReport, PreferenceResult, StageTimer
-from .selftext import context_prefixes
+from .selftext import chat_turns, context_prefixes
 from .solve import solve_clusters
 from .statistics import LayerStats, layer_stats
 from .values import ValueRequest, optimize_values
@@ -222,10 +222,11 @@ class PersonalizationEditor:
         with self.model.disable_adapter():
             return layer_stats(self.model, self.tokenizer, self.modules)
 
-    def key_prompt(self, question: str, subject: str, context: str, name: str) -> tuple[list[int], int]:
-        """Token ids of chat(context ⊕ question) and the index of its key token (in ``subject``)."""
+    def key_prompt(self, question: str, subject: str, context: str, name: str,
+                   history: Sequence[tuple[str, str]] = ()) -> tuple[list[int], int]:
+        """Token ids of chat(history, context ⊕ question) and the index of its key token (in ``subject``)."""
         text_q = f"{context} {question}".strip()
-        text = chat_text(self.tokenizer, text_q)
+        text = chat_text(self.tokenizer, text_q, history=history)
         index = subject_token_index(self.tokenizer, text, question, subject, self.config.key_token, name)
         return encode(self.tokenizer, text), index
 
@@ -241,9 +242,15 @@ class PersonalizationEditor:
         return prompts, torch.tensor(owner, dtype=torch.long)
 
     def _values(self, jobs: list[Job], members: list[list[tuple[str, str]]]):
+        """δ per job on its first cluster questions, bare and after ``value_histories`` earlier chat turns."""
         requests = []
-        for (adapter, pref), cluster in zip(jobs, members):
+        with self.model.disable_adapter():
+            turns = chat_turns(self.model, self.tokenizer) if self.config.value_histories else []
+        for j, ((adapter, pref), cluster) in enumerate(zip(jobs, members)):
             prompts = [self.key_prompt(q, s, "", pref.id) for q, s in cluster[: self.config.value_questions]]
+            for h, count in enumerate(self.config.value_histories):  # a different slice of the turns per job
+                history = [turns[(7 * j + 13 * h + t) % len(turns)] for t in range(count)]
+                prompts.append(self.key_prompt(*cluster[0], "", pref.id, history))
             kl_ids = encode(self.tokenizer, f"{pref.subject} is a")
             subject_end = len(encode(self.tokenizer, pref.subject)) - 1
             requests.append(ValueRequest(prompts, encode(self.tokenizer, pref.target), (kl_ids, subject_end), adapter))

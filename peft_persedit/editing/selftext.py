@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable
 from importlib import resources
 
@@ -172,3 +173,11 @@ def neutral_corpus(model: nn.Module, tokenizer: PreTrainedTokenizerBase, length:
     already known). Used for C = E[kkᵀ], μ and the gates' negatives."""
     fingerprint = fingerprint or model_fingerprint(model, tokenizer)
     return _cached_json(corpus_name(length), fingerprint, lambda: build_neutral_corpus(model, tokenizer, length))
+
+
+def chat_turns(model: nn.Module, tokenizer: PreTrainedTokenizerBase, length: int = 48) -> list[tuple[str, str]]:
+    """(prompt, the first sentence of the model's own answer) for the held-in neutral prompts of
+    :func:`neutral_corpus`: earlier chat turns under which values are fit, so that an edit holds deep in a chat."""
+    corpus = neutral_corpus(model, tokenizer, length)
+    answers = (text[len(chat_text(tokenizer, p)):].strip() for p, text in zip(_corpus_prompts(), corpus))
+    return [(p, re.split(r"(?<=[.!?])\s", a, maxsplit=1)[0]) for p, a in zip(_corpus_prompts(), answers)]
