@@ -15,7 +15,7 @@ import inspect
 import warnings
 from typing import Any
 
-_MARK = "__persedit_wrapped__"
+from .patching import wrap_once
 
 
 def adapters_with_preferences(model: Any) -> dict[str, int]:
@@ -66,7 +66,6 @@ def _wrap(method: Any) -> Any:
             extra["private"] = effective_private(self, extra.get("private"))
         return method(*bound.args, **bound.kwargs)
 
-    setattr(wrapper, _MARK, True)
     return wrapper
 
 
@@ -78,5 +77,4 @@ def install() -> None:
 
     for cls, name in ((PeftModel, "push_to_hub"), (PreTrainedModel, "push_to_hub"),
                       (PreTrainedModel, "save_pretrained")):
-        if not getattr(getattr(cls, name), _MARK, False):
-            setattr(cls, name, _wrap(getattr(cls, name)))
+        wrap_once(cls, name, _wrap)

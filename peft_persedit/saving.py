@@ -22,9 +22,9 @@ import safetensors.torch
 import torch
 
 from .atomic import atomic_file, staging_dir
+from .patching import wrap_once
 
 _PENDING: ContextVar[list[tuple[str, str]] | None] = ContextVar("persedit_pending_renames", default=None)
-_MARK = "__persedit_wrapped__"
 
 
 def _replace_or_defer(tmp: Path, target: Path) -> None:
@@ -69,9 +69,6 @@ def atomic_safe_save_file(tensors: dict[str, torch.Tensor], filename: str | os.P
     write_atomically(lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata), filename)
 
 
-setattr(atomic_safe_save_file, _MARK, True)
-
-
 def save_dir_file_atomically(save: Callable[[str], None], directory: str | os.PathLike, name: str) -> None:
     """Commit ``name`` as written by ``save(folder)`` into ``directory``, atomically (``save`` writes a staging
     folder inside ``directory``)."""
@@ -87,7 +84,6 @@ def _transactional(method: Callable[..., Any]) -> Callable[..., Any]:
         with save_transaction():
             return method(self, *args, **kwargs)
 
-    setattr(save_pretrained, _MARK, True)
     return save_pretrained
 
 
@@ -97,7 +93,5 @@ def install() -> None:
     import peft.peft_model
     from peft import PeftModel
 
-    if not getattr(peft.peft_model.safe_save_file, _MARK, False):
-        peft.peft_model.safe_save_file = atomic_safe_save_file
-    if not getattr(PeftModel.save_pretrained, _MARK, False):
-        PeftModel.save_pretrained = _transactional(PeftModel.save_pretrained)
+    wrap_once(peft.peft_model, "safe_save_file", lambda _original: atomic_safe_save_file)
+    wrap_once(PeftModel, "save_pretrained", _transactional)

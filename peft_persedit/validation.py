@@ -20,8 +20,7 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .bank_checks import LAYOUT, AdapterWeightsError, check_state_dict_bank
 from .config import PersonalizationEditConfig, saved_bank_sizes
 from .layer import PersEditLayer
-
-_MARK = "__persedit_wrapped__"
+from .patching import wrap_once
 
 
 def check_loaded_adapter(model: Any, adapter: str) -> None:
@@ -89,7 +88,6 @@ def _named_load_errors(method: Any, id_param: str, keep_last: bool) -> Any:
             raise AdapterWeightsError(f"{where}: {err}", err.file) from None
         return result
 
-    setattr(load_adapter, _MARK, True)
     return load_adapter
 
 
@@ -100,5 +98,4 @@ def install() -> None:
     from transformers import PreTrainedModel
 
     for cls, id_param, keep_last in ((PeftModel, "model_id", True), (PreTrainedModel, "peft_model_id", False)):
-        if not getattr(cls.load_adapter, _MARK, False):
-            cls.load_adapter = _named_load_errors(cls.load_adapter, id_param, keep_last)
+        wrap_once(cls, "load_adapter", functools.partial(_named_load_errors, id_param=id_param, keep_last=keep_last))
