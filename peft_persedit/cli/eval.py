@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from .common import EPILOG
 
@@ -33,13 +34,26 @@ def _turns(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _offsets(text: str) -> list[float]:
+    """``--gate-sweep``: comma-separated gate-threshold offsets (an argparse type)."""
+    from ..evaluation.config import parse_offsets
+
+    try:
+        return parse_offsets(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``eval`` on the ``persedit`` subcommand parser."""
     from ..evaluation.config import METHODS, PROTOCOLS, EvalConfig
 
     d = EvalConfig()
     ev = sub.add_parser("eval", help="compare base, ICE, LoRA, ROME, persedit, representation, DPL on UPQA data",
-                        epilog=f"{EPILOG} Writes OUT/results.json, results.md, accuracy.png and multiturn.png.")
+                        epilog=f"{EPILOG} Writes OUT/results.json, results.md, accuracy.png, multiturn.png and "
+                        "frontier.png.")
+    # values such as "-0.3,-0.1" are option values, not options (Python < 3.13 only takes "-0.3" for a number)
+    ev._negative_number_matcher = re.compile(r"^-\.?\d")
     ev.add_argument("--data", required=True, help="preference file (UPQA/PrefEval JSON or JSONL) or a dataset name "
                     "(upqa_balanced100, upqa_dev, ...)")
     ev.add_argument("--out", required=True, help="output directory")
@@ -61,6 +75,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--lora-steps", type=int, default=d.lora_steps, help="Trainer steps per LoRA user")
     ev.add_argument("--lora-lr", type=float, default=d.lora_lr)
     ev.add_argument("--lora-rank", type=int, default=d.lora_rank)
+    sweep = ",".join(map(str, d.gate_sweep))
+    ev.add_argument("--gate-sweep", default=sweep, type=_offsets,
+                    help="gated methods only (persedit, representation; protocol single): offsets o added to every "
+                    "gate threshold τ (τ ← τ + o); at each, the questions and locality are re-measured: the "
+                    f"accuracy/locality frontier (results frontier, frontier.png). Comma-separated; '' = no sweep "
+                    f"(default {sweep})")
     ev.add_argument("--workers", type=int, default=d.workers,
                     help="processes running the method × protocol jobs side by side (2 on a 2-core CPU)")
     ev.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

@@ -5,14 +5,20 @@
 
 with ρ the allowed false-fire rate. When the two overlap, τ_c = min s⁺ − 10⁻⁴ (efficacy first). The measured
 false-fire rate f_c = |{s⁻ ≥ τ_c}| / |s⁻| is reported per preference (``PreferenceResult.false_fire``, the last
-edit layer's) in the :class:`~.report.EditReport`.
+edit layer's) in the :class:`~.report.EditReport`. :func:`shifted_thresholds` moves every τ by a common
+offset for a while (the gate-threshold sweep of ``persedit eval``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+from ..layer import PersEditLayer
 
 
 @dataclass
@@ -68,3 +74,32 @@ def leaked_inputs(inputs: torch.Tensor, scores: torch.Tensor, usable: torch.Tens
         index = (s >= tau[c]).nonzero().flatten()
         leaks.append(inputs[index[s[index].argsort(descending=True)][:limit]])
     return leaks
+
+
+@contextmanager
+def shifted_thresholds(model: nn.Module, offset: float) -> Iterator[int]:
+    """Within the block, every gate threshold of every adapter of every PERSEDIT layer of ``model`` (a PeftModel
+    or any module holding edit layers) is moved by ``offset``:
+
+        τ_c ← τ_c + o        (hard gate g_c(x) = 1[max_k cos(x − μ, K_k) ≥ τ_c]; soft gate σ((s − τ_c)/T))
+
+    o < 0 lets gates fire on more inputs (more generalization, less locality), o > 0 on fewer. Always-on
+    clusters (τ = −∞) stay always-on; ``gate="none"`` banks ignore τ. Yields the number of finite thresholds
+    shifted. On exit — also on an exception — the original τ tensors themselves are put back (bit-identical).
+    Tensors change through ``_set_tensor``, so packed-bank caches are invalidated both ways.
+    """
+    saved: list[tuple[PersEditLayer, str, torch.Tensor]] = []
+    shifted = 0
+    try:
+        for module in model.modules():
+            if not isinstance(module, PersEditLayer):
+                continue
+            for adapter in list(module.persedit_tau.keys()):
+                tau = module.persedit_tau[adapter]
+                saved.append((module, adapter, tau))
+                module._set_tensor("tau", adapter, tau + offset)
+                shifted += int(torch.isfinite(tau).sum())
+        yield shifted
+    finally:
+        for module, adapter, tau in reversed(saved):
+            module._set_tensor("tau", adapter, tau)

@@ -4,7 +4,8 @@
     results = evaluate(data="upqa_balanced100", methods="base,ice,persedit", turns="0,2", limit=20, out="out/eval")
 
 writes ``out/eval/results.json`` (every generation, score and timing), ``results.md`` (method × metric
-tables) and ``accuracy.png`` / ``multiturn.png``. See :class:`EvalConfig` for every setting.
+tables) and ``accuracy.png`` / ``multiturn.png``; with the (default) gate-threshold sweep, also a frontier
+table and ``frontier.png``. See :class:`EvalConfig` for every setting.
 """
 
 from __future__ import annotations

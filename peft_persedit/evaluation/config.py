@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,6 +14,8 @@ DEFAULT_METHODS = ("base", "ice", "lora", "rome", "persedit")
 #: single: every item is one user (one adapter each); grouped: ``group_size`` items with distinct attribute
 #: types and questions per user, in one adapter (interference).
 PROTOCOLS = ("single", "grouped")
+#: Gate-threshold offsets swept by default (τ_c ← τ_c + o; the main run is o = 0).
+DEFAULT_GATE_SWEEP = (-0.3, -0.2, -0.1, -0.05, 0.05)
 
 
 def parse_list(text: str | list | tuple, kind: type = str) -> list:
@@ -30,6 +33,17 @@ def parse_turns(text: str | list | tuple) -> list[int]:
     if any(n < 0 for n in turns):
         raise ValueError(f"turns must be ≥ 0, got {turns}")
     return turns
+
+
+def parse_offsets(text: str | list | tuple) -> list[float]:
+    """Gate-threshold offsets: ``"-0.1,0.05,-0.1"`` → ``[-0.1, 0.05]`` (sorted, unique, finite; ``""`` → ``[]``)."""
+    try:
+        offsets = sorted(set(parse_list(text, float)))
+    except (TypeError, ValueError):
+        raise ValueError(f"gate_sweep must be comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(o) for o in offsets):
+        raise ValueError(f"gate_sweep offsets must be finite, got {offsets}")
+    return offsets
 
 
 def _is_path(value: str | os.PathLike) -> bool:
@@ -64,6 +78,10 @@ class EvalConfig:
         locality_users: users whose locality is measured (evenly spaced; 0 = all).
         locality_prompts: neutral prompts in the locality set (the first ones: held out from calibration).
         lora_steps / lora_lr / lora_rank: the LoRA baseline (transformers.Trainer, loss on answer tokens).
+        gate_sweep: offsets o added to every gate threshold τ (τ_c ← τ_c + o) of methods with gates (persedit,
+            representation), protocol ``single`` only: each re-answers the efficacy, generalization, implicit and
+            product questions and re-checks locality, giving ``results["frontier"]`` (o = 0 is the main run).
+            Empty: no sweep.
         workers: processes that run the jobs (method × protocol), each with torch threads ÷ workers; 2 on a
             2-core CPU keeps both cores busy (:mod:`.workers`). Each needs ~2.5 GB for SmolLM2-135M. Workers
             are spawned: a script calling :func:`evaluate` with workers > 1 needs ``if __name__ == "__main__":``.
@@ -86,6 +104,7 @@ class EvalConfig:
     lora_steps: int = 20
     lora_lr: float = 1e-3
     lora_rank: int = 8
+    gate_sweep: list[float] = field(default_factory=lambda: list(DEFAULT_GATE_SWEEP))
     device: str = "cpu"
     workers: int = 1
     plots: bool = True
@@ -95,6 +114,7 @@ class EvalConfig:
         self.methods = parse_list(self.methods)
         self.protocols = parse_list(self.protocols)
         self.turns = parse_turns(self.turns)
+        self.gate_sweep = parse_offsets(self.gate_sweep)
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown method(s) {unknown or '(none given)'}; choose from {', '.join(METHODS)}")

@@ -2,7 +2,9 @@
 
 For each job — a method (a fresh copy of the base model each) in a protocol: personalize all users (timed,
 peak memory, adapter bytes), generate every metric's question for every user in mixed batches (row i through
-its user's route), score, then check locality for a sample of users. Unpersonalized generations are cached
+its user's route), score, then check locality for a sample of users; for a method with gates (persedit) in
+protocol ``single``, repeat the questions (no multi-turn) and locality with every gate threshold moved by each
+offset of ``config.gate_sweep`` (the accuracy/locality frontier). Unpersonalized generations are cached
 by chat across methods (the base model's output does not depend on the method). With ``workers`` > 1 the
 jobs run in that many processes (:mod:`.workers`).
 """
@@ -31,7 +33,7 @@ from .jobs import JobResult
 from .judge import JudgeItem, LLMJudge
 from .memory import PeakMemory
 from .methods import Method, build_method
-from .metrics import MULTITURN, QUESTION_METRICS, Record, summarize
+from .metrics import MULTITURN, QUESTION_METRICS, Record, frontier, summarize
 from .scoring import overlap, target_hit, word_match
 from .users import Users, grouped_users, round_robin, single_users, spread
 from .workers import run_in_workers
@@ -67,6 +69,8 @@ class Harness:
         self.cache: dict[Chat, Generation] = cache if cache is not None else {}  # unpersonalized, by chat
         self.records: list[Record] = []
         self.costs: list[dict] = []
+        self.frontier: list[dict] = []  # gate-sweep rows (offset 0 = the main run)
+        self.sweep_records: list[dict] = []  # the sweep's records (not in the summary), with their gate_offset
         self.timings: dict[str, dict[str, float]] = {}  # job → stage → wall seconds
         self.cpu: dict[str, dict[str, float]] = {}  # job → stage → process CPU seconds (all threads)
 
@@ -112,26 +116,28 @@ class Harness:
         return [out[i] for i in range(len(rows))]
 
     # ------------------------------------------------------------------------------------------- metrics
-    def questions(self, method: Method, protocol: str, users: Users) -> list[Record]:
-        """Every question metric (and multi-turn efficacy in the single protocol) for every preference."""
+    def questions(self, method: Method, protocol: str, users: Users, multiturn: bool = True,
+                  tag: str = "") -> list[Record]:
+        """Every question metric (and, with ``multiturn``, multi-turn efficacy in the single protocol) for every
+        preference; ``tag`` marks the progress bar."""
         rows, meta = [], []
-        multiturn = [n for n in self.config.turns if n > 0] if protocol == "single" else []
+        distractor_turns = [n for n in self.config.turns if n > 0] if protocol == "single" and multiturn else []
         for user, prefs in users.items():
             for pref in prefs:
                 for metric, attribute in QUESTION_METRICS.items():
                     if getattr(pref, attribute):
                         rows.append((user, getattr(pref, attribute), 0))
                         meta.append((user, pref, metric))
-                for n in multiturn:
+                for n in distractor_turns:
                     rows.append((user, pref.question, n))
                     meta.append((user, pref, MULTITURN))
-        answers = self.generate(method, rows, f"{method.name}/{protocol}: answers")
+        answers = self.generate(method, rows, f"{method.name}/{protocol}{tag}: answers")
         return [Record(protocol, method.name, user, pref.id, metric, turns, question, pref.target, gen.text,
                        target_hit(gen.text, pref.target), overlap(gen.text, pref.target),
                        word_match(gen.text, pref.target), gen.seconds)
                 for (user, pref, metric), (_, question, turns), gen in zip(meta, rows, answers)]
 
-    def locality(self, method: Method, protocol: str, users: Users) -> list[Record]:
+    def locality(self, method: Method, protocol: str, users: Users, tag: str = "") -> list[Record]:
         """For sampled users: is each neutral prompt's / other question's greedy output unchanged?"""
         sample = spread(list(users), self.config.locality_users)
         probes = [(u, q, "locality_neutral") for u in sample for q in self.neutral]
@@ -143,13 +149,29 @@ class Harness:
         unchanged = greedy_unchanged(method.model, method.tokenizer, [c for c, _ in requests],
                                      [g.ids for g in reference], [a for _, a in requests] if method.routed else None,
                                      batch_size=self.config.batch_size,
-                                     desc=f"{method.name}/{protocol}: locality" if self.config.progress else None)
+                                     desc=f"{method.name}/{protocol}{tag}: locality" if self.config.progress else None)
         return [Record(protocol, method.name, user, "", metric, 0, question, "", ref.text, same)
                 for (user, question, metric), ref, same in zip(probes, reference, unchanged)]
 
+    def gate_sweep(self, method: Method, protocol: str, users: Users) -> dict[float, list[Record]]:
+        """Offset o → the question (no multi-turn) and locality records with every gate threshold τ + o, for each
+        non-zero o of ``config.gate_sweep`` (o = 0 is the main run)."""
+        sweep: dict[float, list[Record]] = {}
+        for offset in (o for o in self.config.gate_sweep if o != 0):
+            tag = f" τ{offset:+g}"
+            with method.shifted_gates(offset):
+                sweep[offset] = self.questions(method, protocol, users, multiturn=False, tag=tag)
+                sweep[offset] += self.locality(method, protocol, users, tag=tag)
+        return sweep
+
+    def sweeps(self, method: Method, protocol: str) -> bool:
+        """Whether ``method``'s job in ``protocol`` runs the gate-threshold sweep."""
+        return bool(self.config.gate_sweep) and method.gate_sweep and protocol == "single"
+
     # ---------------------------------------------------------------------------------------------- run
     def run_job(self, name: str, protocol: str) -> JobResult:
-        """Personalize ``protocol``'s users with method ``name``, then answer every question and check locality."""
+        """Personalize ``protocol``'s users with method ``name``, then answer every question and check locality
+        (and, where :meth:`sweeps`, the gate-threshold sweep: ``job.frontier``, ``job.sweep_records``)."""
         users = self.protocols[protocol]
         job = JobResult(name, protocol)
         clock: dict[str, tuple[float, float]] = {}  # stage → (wall, process CPU) at its start
@@ -167,6 +189,11 @@ class Harness:
         job.records = self.questions(method, protocol, users)
         mark("locality")
         job.records += self.locality(method, protocol, users)
+        if self.sweeps(method, protocol):
+            mark("gate_sweep")
+            sweep = self.gate_sweep(method, protocol, users)
+            job.frontier = frontier(protocol, name, {0.0: job.records, **sweep})
+            job.sweep_records = [{**r.to_dict(), "gate_offset": o} for o, records in sweep.items() for r in records]
         mark("end")
         stages = list(clock)
         job.wall, job.cpu = ({s: round(clock[t][kind] - clock[s][kind], 3) for s, t in zip(stages, stages[1:])}
@@ -187,6 +214,8 @@ class Harness:
         """Keep a finished job's records, cost and timings."""
         self.records += job.records
         self.costs.append(job.cost)
+        self.frontier += job.frontier
+        self.sweep_records += job.sweep_records
         self.timings[job.key], self.cpu[job.key] = job.wall, job.cpu
 
     def judge(self) -> None:
@@ -233,7 +262,9 @@ class Harness:
             "cpu_seconds": self.cpu,
             "summary": summarize(self.records),
             "cost": self.costs,
+            "frontier": self.frontier,
             "records": [r.to_dict() for r in self.records],
+            "frontier_records": self.sweep_records,
         }
 
 

@@ -16,7 +16,9 @@ from .metrics import Record
 
 @dataclass
 class JobResult:
-    """What one job (method × protocol) produced: its records, cost row and stage seconds (wall and CPU)."""
+    """What one job (method × protocol) produced: its records, cost row and stage seconds (wall and CPU); for a
+    gate-threshold sweep, its frontier rows and the sweep's records (dicts with ``gate_offset``; kept out of
+    ``records`` and so out of the summary)."""
 
     method: str
     protocol: str
@@ -24,6 +26,8 @@ class JobResult:
     cost: dict = field(default_factory=dict)
     wall: dict[str, float] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
+    frontier: list[dict] = field(default_factory=list)
+    sweep_records: list[dict] = field(default_factory=list)
     process: int = field(default_factory=os.getpid)  # the process that ran it
     threads: int = field(default_factory=torch.get_num_threads)  # its torch threads
 

@@ -10,6 +10,9 @@ Per method and protocol, over the users' preferences p:
     locality_neutral / locality_other           per user u: share of neutral prompts / of other users'
                     questions (other subject and question) whose greedy output u's personalization leaves
                     unchanged; averaged over the sampled users.
+
+The gate-threshold sweep (persedit, protocol single) repeats the four question metrics and locality with every
+gate threshold moved, τ_c ← τ_c + o; :func:`frontier` gives one row of exact shares per offset o.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ QUESTION_METRICS: dict[str, str] = {
 }
 LOCALITY_METRICS = ("locality_neutral", "locality_other")
 MULTITURN = "multiturn"
+#: The columns of a frontier row (exact shares at 0 distractor turns).
+FRONTIER_METRICS = (*QUESTION_METRICS, *LOCALITY_METRICS)
 
 
 @dataclass
@@ -76,4 +81,16 @@ def summarize(records: list[Record]) -> list[dict]:
                      "exact": exact, "semantic": semantic})
     rows += [{**row, "metric": MULTITURN, "turns": 0} for row in rows if row["metric"] == "efficacy"
              and any(r["metric"] == MULTITURN and r["protocol"] == row["protocol"] for r in rows)]
+    return rows
+
+
+def frontier(protocol: str, method: str, by_offset: dict[float, list[Record]]) -> list[dict]:
+    """Rows ``{protocol, method, gate_offset, <metric>: exact share}`` of ``method``'s records at each gate offset,
+    ascending (a metric without records: ``None``)."""
+    rows = []
+    for offset in sorted(by_offset):
+        exact = {r["metric"]: r["exact"] for r in summarize(by_offset[offset])
+                 if (r["protocol"], r["method"], r["turns"]) == (protocol, method, 0)}
+        rows.append({"protocol": protocol, "method": method, "gate_offset": offset,
+                     **{metric: exact.get(metric) for metric in FRONTIER_METRICS}})
     return rows

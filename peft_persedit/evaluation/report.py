@@ -1,4 +1,5 @@
-"""Writing the results: ``results.json`` (everything), ``results.md`` (method × metric tables), plots."""
+"""Writing the results: ``results.json`` (everything), ``results.md`` (method × metric tables and, after a gate
+sweep, the frontier table), plots."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from ..atomic import write_text_atomic
 from .config import METHODS
-from .metrics import LOCALITY_METRICS, MULTITURN, QUESTION_METRICS
+from .metrics import FRONTIER_METRICS, LOCALITY_METRICS, MULTITURN, QUESTION_METRICS
 
 
 def _processes(environment: dict) -> str:
@@ -38,8 +39,26 @@ def _row(summary: dict, protocol: str, method: str, turns: list[int]) -> list[st
     return cells + [_cell(get(m).get("exact")) for m in LOCALITY_METRICS]
 
 
+def frontier_table(results: dict) -> str:
+    """Markdown: the gate-threshold sweep, one row per method and offset o (τ_c ← τ_c + o), exact shares;
+    ``""`` without a sweep."""
+    rows = results.get("frontier") or []
+    if not rows:
+        return ""
+    lines = ["### Gate-threshold frontier (protocol `single`)", "",
+             "Every gate threshold moved by the offset o (τ_c ← τ_c + o; o < 0 fires more, +0 is the main run); "
+             "exact shares.", "",
+             "| method | gate offset | " + " | ".join(FRONTIER_METRICS) + " |",
+             "|---" * (len(FRONTIER_METRICS) + 2) + "|"]
+    for row in rows:
+        cells = [row["method"], f"{row['gate_offset']:+g}", *(_cell(row.get(m)) for m in FRONTIER_METRICS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join([*lines, ""])
+
+
 def tables(results: dict) -> str:
-    """Markdown: one table per protocol, rows = methods, columns = metrics (exact / semantic) and cost."""
+    """Markdown: one table per protocol, rows = methods, columns = metrics (exact / semantic) and cost; then the
+    gate-threshold frontier when there is one."""
     summary = {(r["protocol"], r["method"], r["metric"], r["turns"]): r for r in results["summary"]}
     cost = {(c["protocol"], c["method"]): c for c in results["cost"]}
     turns = sorted({t for (_, _, m, t) in summary if m == MULTITURN and t > 0})
@@ -57,7 +76,8 @@ def tables(results: dict) -> str:
                       f"{c['adapter_bytes_per_preference']:.0f}"]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
-    return "\n".join(lines)
+    frontier = frontier_table(results)
+    return "\n".join([*lines, frontier] if frontier else lines)
 
 
 def markdown(results: dict) -> str:

@@ -3,13 +3,16 @@
 A method owns a fresh copy of the base model. ``personalize(users)`` writes every user's preferences
 (into weights, adapters or a prompt); afterwards row r of a batch for user u is generated with
 ``route(u)`` — an adapter name for PeftModels (``"__base__"`` = unpersonalized) and/or a system prompt.
-``route(None)`` is the method's unpersonalized reference, against which locality is measured.
+``route(None)`` is the method's unpersonalized reference, against which locality is measured. Methods with
+gate thresholds (``gate_sweep = True``) also give :meth:`Method.shifted_gates`, a context in which every
+threshold is moved by an offset (the harness's gate-threshold sweep).
 """
 
 from __future__ import annotations
 
 import gc
 import tempfile
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ class Method:
 
     name = "base"
     routed = False  # rows carry adapter names (the model is a PeftModel)
+    gate_sweep = False  # has gate thresholds that :meth:`shifted_gates` can move
 
     def __init__(self, config: EvalConfig) -> None:
         self.config = config
@@ -48,6 +52,10 @@ class Method:
     def adapter_bytes(self, user: str) -> int:
         """Bytes on disk of what personalizes ``user``."""
         return 0
+
+    def shifted_gates(self, offset: float) -> AbstractContextManager:
+        """A context in which every gate threshold is τ + ``offset`` (only where ``gate_sweep`` is true)."""
+        raise NotImplementedError(f"method {self.name!r} has no gate thresholds to shift")
 
     def close(self) -> None:
         """Drop the model (the next method loads its own copy)."""
