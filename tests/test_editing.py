@@ -75,6 +75,49 @@ def test_value_chunk_subset_scores_its_rows_as_the_full_chunk_does(tokenizer):
         torch.testing.assert_close(chunk.log_probs(pm), full)  # the full chunk's prefix cache is untouched
 
 
+def test_value_rows_after_one_history_share_a_batch_one_cache_and_score_as_own_prefixes(tokenizer):
+    """Prompts after the same earlier turns (``ValueRequest.shared``) run on one batch-1 cache of those turns,
+    repeated per forward; their log-probs and δ's effect equal those of rows with their own prefix caches."""
+    from peft_persedit.editing.values import ValueRequest, _AddDelta, _Chunk, _make_chunks, _rows
+
+    pm = tiny_pm()
+    history = [("Tell me a fact.", "Water boils at 100 degrees."), ("And another?", "The sky is blue.")]
+    split = encode(tokenizer, chat_text(tokenizer, "x", history=history))
+    requests = []
+    for pref in PREFS:
+        text = chat_text(tokenizer, pref.question, history=history)
+        ids = encode(tokenizer, text)
+        shared = next(i for i, (a, b) in enumerate(zip(ids, split)) if a != b)
+        prompt = (ids, subject_token_index(tokenizer, text, pref.question, pref.subject))
+        requests.append(ValueRequest([prompt], encode(tokenizer, pref.target), None, None, [shared]))
+    rows = _rows(requests)
+    assert all(r.shared and r.at > 0 and r.prefix == rows[0].prefix for r in rows)
+    chunks = _make_chunks(pm, requests, rows, 2, 32, torch.device("cpu"))
+    assert len(chunks) == 1 and chunks[0].shared and chunks[0].cache.get_seq_length() == len(rows[0].prefix)
+    own = _rows([ValueRequest(r.prompts, r.target_ids) for r in requests])  # prefix = all before the subject
+    reference = _Chunk(pm, own, list(range(len(own))), 2, None, torch.device("cpu"))
+    hook = _AddDelta()
+    layer = edit_layers(pm)[0]
+    handle = layer.register_forward_hook(hook)
+    try:
+        delta = torch.randn(len(PREFS), layer.out_features)
+        for chunk in (chunks[0], reference):
+            hook.delta, hook.owner, hook.at = None, chunk.owner, chunk.at
+            with torch.no_grad():
+                plain = chunk.log_probs(pm)
+                hook.delta = delta
+                edited = chunk.log_probs(pm)
+            order = torch.argsort(chunk.owner)  # rows of both chunks by owner (flat positions: one row at a time)
+            per_row = [torch.cat([x[chunk.flat_rows == j] for j in order.tolist()]) for x in (plain, edited)]
+            if chunk is reference:
+                torch.testing.assert_close(per_row[0], expected[0], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(per_row[1], expected[1], atol=1e-4, rtol=1e-4)
+            expected = per_row
+        assert not torch.allclose(expected[0], expected[1])  # δ at the subject token changes the target's odds
+    finally:
+        handle.remove()
+
+
 def test_solve_maps_every_key_to_its_residual():
     torch.manual_seed(0)
     keys = [torch.randn(3, 64), torch.randn(1, 64), torch.randn(5, 64)]

@@ -242,23 +242,34 @@ class PersonalizationEditor:
         return prompts, torch.tensor(owner, dtype=torch.long)
 
     def _values(self, jobs: list[Job], members: list[list[tuple[str, str]]]):
-        """δ per job on its first cluster questions, bare and after ``value_histories`` earlier chat turns."""
+        """δ per job on its first cluster questions, bare and after ``value_histories`` earlier chat turns (the
+        same turns for every job, so their cache is computed once)."""
         requests = []
         with self.model.disable_adapter():
             turns = chat_turns(self.model, self.tokenizer) if self.config.value_histories else []
-        for j, ((adapter, pref), cluster) in enumerate(zip(jobs, members)):
+        histories = [[turns[(13 * h + t) % len(turns)] for t in range(count)]
+                     for h, count in enumerate(self.config.value_histories)]
+        for (adapter, pref), cluster in zip(jobs, members):
             prompts = [self.key_prompt(q, s, "", pref.id) for q, s in cluster[: self.config.value_questions]]
-            for h, count in enumerate(self.config.value_histories):  # a different slice of the turns per job
-                history = [turns[(7 * j + 13 * h + t) % len(turns)] for t in range(count)]
+            shared = [0] * len(prompts)
+            for history in histories:
                 prompts.append(self.key_prompt(*cluster[0], "", pref.id, history))
+                shared.append(self._history_tokens(history))
             kl_ids = encode(self.tokenizer, f"{pref.subject} is a")
             subject_end = len(encode(self.tokenizer, pref.subject)) - 1
-            requests.append(ValueRequest(prompts, encode(self.tokenizer, pref.target), (kl_ids, subject_end), adapter))
+            route = adapter if any(m.num_clusters(adapter) for m in self.modules.values()) else None  # empty = base
+            requests.append(ValueRequest(prompts, encode(self.tokenizer, pref.target), (kl_ids, subject_end), route,
+                                         shared))
         last_module = list(self.modules.values())[-1]
         cfg = self.config
         return optimize_values(self.model, last_module, requests, pad_id(self.tokenizer), steps=cfg.value_steps,
                                lr=cfg.value_lr, kl_weight=cfg.kl_weight, weight_decay=cfg.value_weight_decay,
                                clamp_norm_factor=cfg.clamp_norm_factor, progress=self.progress)
+
+    def _history_tokens(self, history: Sequence[tuple[str, str]]) -> int:
+        """How many leading tokens every chat after ``history`` shares (whatever the question that follows)."""
+        a, b = (encode(self.tokenizer, chat_text(self.tokenizer, q, history=history)) for q in ("a", "b"))
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
     def _held(self, adapters: list[str], exclude: set[str]) -> list[tuple[str, Preference]]:
         """(adapter, preference) for what ``adapters`` already hold (before this edit), minus the ids in ``exclude``."""

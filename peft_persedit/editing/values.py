@@ -7,7 +7,9 @@ For preference i with training prompts p (subject's last token s_p) and target y
 
 (v_i = the original output at the subject token; n_i = "{subject} is a"). One Adam optimizer holds every
 δ_i. Tokens before the subject never see δ, so their key/value cache is computed once and every step only
-runs the suffix (subject token → end of target); rows of similar length share a chunk. A preference stops
+runs the suffix (subject token → end of target); rows of similar length share a chunk. Prompts that start
+with the same earlier chat turns (``ValueRequest.shared``) share one batch-1 cache of those turns, repeated
+per step: long histories cost one prefill per call and no memory per preference. A preference stops
 as soon as greedy decoding reproduces its whole target on every prompt and its NLL < ε (what efficacy
 needs); from then on its rows (prompts and KL) are dropped from their chunk, so each step costs only the
 preferences still being optimized.
@@ -16,7 +18,7 @@ preferences still being optimized.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -34,6 +36,9 @@ class ValueRequest:
     target_ids: list[int]
     kl_prompt: tuple[list[int], int] | None = None
     adapter: str | None = None
+    #: per prompt, how many leading tokens it shares with other requests' prompts (earlier chat turns); 0 or
+    #: missing = none. Rows with the same shared tokens are batched on one cache of them.
+    shared: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -45,21 +50,24 @@ class ValueResult:
 @dataclass
 class _Row:
     owner: int
-    prefix: list[int]  # tokens before the subject token (never affected by δ)
-    suffix: list[int]  # subject token onwards (+ target)
+    prefix: list[int]  # cached tokens before δ's position (never affected by δ)
+    suffix: list[int]  # the rest (+ target)
     loss_pos: list[int]  # positions in the suffix whose next token is scored
     labels: list[int]
     is_kl: bool
+    at: int = 0  # δ's position in the suffix (the subject token)
+    shared: bool = False  # the prefix is shared with other rows (one batch-1 cache)
 
 
 def _rows(requests: list[ValueRequest], with_kl: bool = True) -> list[_Row]:
     rows = []
     for i, request in enumerate(requests):
-        for ids, s in request.prompts:
-            suffix = list(ids[s:]) + list(request.target_ids)
-            start = len(ids) - s - 1
-            rows.append(_Row(i, list(ids[:s]), suffix, list(range(start, start + len(request.target_ids))),
-                             list(request.target_ids), False))
+        for j, (ids, s) in enumerate(request.prompts):
+            cut = min(request.shared[j] if j < len(request.shared) else 0, s) or s
+            suffix = list(ids[cut:]) + list(request.target_ids)
+            start = len(ids) - cut - 1
+            rows.append(_Row(i, list(ids[:cut]), suffix, list(range(start, start + len(request.target_ids))),
+                             list(request.target_ids), False, s - cut, cut < s))
         if with_kl and request.kl_prompt is not None:
             ids, s = request.kl_prompt
             rows.append(_Row(i, list(ids[:s]), list(ids[s:]), [len(ids) - s - 1], [-1], True))
@@ -67,15 +75,21 @@ def _rows(requests: list[ValueRequest], with_kl: bool = True) -> list[_Row]:
 
 
 class _Chunk:
-    """A fixed batch of rows with its prefix cache (left-padded prefixes, right-padded suffixes)."""
+    """A fixed batch of rows with its prefix cache (left-padded prefixes, right-padded suffixes); rows that all
+    share one prefix keep a batch-1 cache of it, repeated per forward (``shared``)."""
 
     def __init__(self, model: nn.Module, rows: list[_Row], index: list[int], pad: int, adapters: list[str] | None,
                  device: torch.device) -> None:
         self.index = index
         self.rows = [rows[i] for i in index]
         self.adapters = adapters
+        self.shared = all(r.shared and r.prefix == self.rows[0].prefix for r in self.rows) and (
+            adapters is None or len(set(adapters)) == 1)
         width = max(len(r.prefix) for r in self.rows)
-        if width:
+        if self.shared:
+            prefix_ids = torch.tensor([self.rows[0].prefix])
+            prefix_mask = torch.ones(len(self.rows), width, dtype=torch.long)
+        elif width:
             prefix_ids, prefix_mask = pad_batch([r.prefix or [pad] for r in self.rows], pad, left=True)
             for j, r in enumerate(self.rows):
                 if not r.prefix:
@@ -89,14 +103,17 @@ class _Chunk:
         positions = (self.mask.cumsum(1) - 1).clamp(min=0)
         self.prefix_positions, self.positions = positions[:, : self.prefix_len], positions[:, self.prefix_len:]
         self.owner = torch.tensor([r.owner for r in self.rows], device=device)
+        self.at = torch.tensor([r.at for r in self.rows], device=device)
         self.flat_rows = torch.tensor([j for j, r in enumerate(self.rows) for _ in r.loss_pos], device=device)
         self.flat_pos = torch.tensor([p for r in self.rows for p in r.loss_pos], device=device)
         self.labels = torch.tensor([y for r in self.rows for y in r.labels], device=device)
         self.cache = None
         if self.prefix_len:
-            with torch.no_grad(), _routing(model, adapters):
-                out = _decoder(model)(input_ids=prefix_ids.to(device), attention_mask=self.mask[:, : self.prefix_len],
-                                      position_ids=self.prefix_positions, use_cache=True)
+            rows_in = 1 if self.shared else len(self.rows)
+            with torch.no_grad(), _routing(model, adapters[:rows_in] if adapters else None):
+                out = _decoder(model)(input_ids=prefix_ids.to(device),
+                                      attention_mask=self.mask[:rows_in, : self.prefix_len],
+                                      position_ids=self.prefix_positions[:rows_in], use_cache=True)
             self.cache = out.past_key_values
 
     def subset(self, keep: torch.Tensor) -> _Chunk:
@@ -106,12 +123,12 @@ class _Chunk:
         part.index = [self.index[j] for j in rows.tolist()]
         part.rows = [self.rows[j] for j in rows.tolist()]
         part.adapters = None if self.adapters is None else [self.adapters[j] for j in rows.tolist()]
-        part.ids, part.mask, part.owner = self.ids[rows], self.mask[rows], self.owner[rows]
+        part.ids, part.mask, part.owner, part.at = self.ids[rows], self.mask[rows], self.owner[rows], self.at[rows]
         part.positions, part.prefix_positions = self.positions[rows], self.prefix_positions[rows]
         flat = keep[self.flat_rows]
         part.flat_rows = torch.cumsum(keep.long(), 0)[self.flat_rows][flat] - 1  # renumbered rows
         part.flat_pos, part.labels = self.flat_pos[flat], self.labels[flat]
-        if self.cache is not None:
+        if self.cache is not None and not self.shared:
             part.cache = copy.deepcopy(self.cache)
             part.cache.batch_select_indices(rows)
         return part
@@ -119,6 +136,8 @@ class _Chunk:
     def log_probs(self, model: nn.Module) -> torch.Tensor:
         """log P at the scored positions, running only the suffix on top of the cached prefix."""
         cache = copy.deepcopy(self.cache)  # the forward appends the suffix to it; keep the prefix pristine
+        if cache is not None and self.shared:
+            cache.batch_repeat_interleave(len(self.rows))
         with _routing(model, self.adapters):
             hidden = _decoder(model)(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions,
                                      past_key_values=cache, use_cache=cache is not None).last_hidden_state
@@ -158,34 +177,42 @@ def _routing(model: nn.Module, adapters: list[str] | None):
 
 
 class _AddDelta:
-    """Forward hook: adds δ[owner] at suffix positions 0..span−1 (the subject token, or a whole generation
-    prompt); records the original output at position 0."""
+    """Forward hook: adds δ[owner] at suffix positions at..at+span−1 of each row (the subject token, or a whole
+    generation prompt); records the original output at ``at``."""
 
     def __init__(self, span: int = 1) -> None:
         self.span = span
         self.delta: torch.Tensor | None = None
         self.owner: torch.Tensor | None = None
+        self.at: torch.Tensor | None = None
         self.original: torch.Tensor | None = None
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        self.original = output[:, 0].detach().float()
+        rows = torch.arange(output.shape[0], device=output.device)
+        self.original = output[rows, self.at].detach().float()
         if self.delta is None:
             return output
         add = torch.zeros_like(output, dtype=self.delta.dtype)
-        add[:, : self.span] = self.delta[self.owner][:, None]
+        for j in range(self.span):
+            add[rows, self.at + j] = self.delta[self.owner]
         return output + add.to(output.dtype)
 
 
 def _make_chunks(peft_model: nn.Module, requests: list[ValueRequest], rows: list[_Row], pad: int, batch_size: int,
                  device: torch.device) -> list[_Chunk]:
-    """Rows sorted by (suffix, prefix) length in chunks of ``batch_size``: similar lengths share one, little padding."""
+    """Rows grouped by shared prefix (each group on one cache; the rest together), sorted by (suffix, prefix)
+    length within a group, in chunks of ``batch_size``: similar lengths share one, little padding."""
     routed = any(r.adapter is not None for r in requests)
-    order = sorted(range(len(rows)), key=lambda r: (len(rows[r].suffix), len(rows[r].prefix)))
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):  # one cache per (shared prefix, adapter): it is computed through the adapter
+        groups.setdefault((tuple(row.prefix), requests[row.owner].adapter) if row.shared else (), []).append(i)
     chunks = []
-    for start in range(0, len(rows), batch_size):
-        index = order[start:start + batch_size]
-        adapters = [requests[rows[i].owner].adapter or BASE_ADAPTER for i in index] if routed else None
-        chunks.append(_Chunk(peft_model, rows, index, pad, adapters, device))
+    for members in groups.values():
+        order = sorted(members, key=lambda r: (len(rows[r].suffix), len(rows[r].prefix)))
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            adapters = [requests[rows[i].owner].adapter or BASE_ADAPTER for i in index] if routed else None
+            chunks.append(_Chunk(peft_model, rows, index, pad, adapters, device))
     return chunks
 
 
@@ -197,6 +224,7 @@ def _references(peft_model: nn.Module, hook: _AddDelta, chunks: list[_Chunk], n:
     kl_reference: dict[int, torch.Tensor] = {}
     hook.delta = None
     for chunk in chunks:
+        hook.at = chunk.at
         logp = chunk.log_probs(peft_model)
         offset = 0
         for j, r in enumerate(chunk.rows):
@@ -220,7 +248,7 @@ def _backward(peft_model: nn.Module, hook: _AddDelta, chunks: list[_Chunk], delt
         if not bool(active.any()):
             continue
         chunk = full if bool(active.all()) else full.subset(active)  # finished rows cost nothing
-        hook.delta, hook.owner = delta, chunk.owner
+        hook.delta, hook.owner, hook.at = delta, chunk.owner, chunk.at
         losses, greedy = chunk.losses(chunk.log_probs(peft_model), kl_reference)
         for j, ok in enumerate(greedy.tolist()):
             step_greedy[chunk.owner[j]] &= ok
