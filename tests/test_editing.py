@@ -101,6 +101,7 @@ def test_value_rows_after_one_history_share_a_batch_one_cache_and_score_as_own_p
     handle = layer.register_forward_hook(hook)
     try:
         delta = torch.randn(len(PREFS), layer.out_features)
+        results = []
         for chunk in (chunks[0], reference):
             hook.delta, hook.owner, hook.at = None, chunk.owner, chunk.at
             with torch.no_grad():
@@ -108,12 +109,10 @@ def test_value_rows_after_one_history_share_a_batch_one_cache_and_score_as_own_p
                 hook.delta = delta
                 edited = chunk.log_probs(pm)
             order = torch.argsort(chunk.owner)  # rows of both chunks by owner (flat positions: one row at a time)
-            per_row = [torch.cat([x[chunk.flat_rows == j] for j in order.tolist()]) for x in (plain, edited)]
-            if chunk is reference:
-                torch.testing.assert_close(per_row[0], expected[0], atol=1e-4, rtol=1e-4)
-                torch.testing.assert_close(per_row[1], expected[1], atol=1e-4, rtol=1e-4)
-            expected = per_row
-        assert not torch.allclose(expected[0], expected[1])  # δ at the subject token changes the target's odds
+            results.append([torch.cat([x[chunk.flat_rows == j] for j in order.tolist()]) for x in (plain, edited)])
+        for got, expected in zip(*results):
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(results[0][0], results[0][1])  # δ at the subject token changes the target's odds
     finally:
         handle.remove()
 
