@@ -99,6 +99,9 @@ class PersonalizationEditConfig(PeftConfig):
     value_histories: list[int] = field(default_factory=list, metadata={
         "help": "v* is also optimized after this many earlier chat turns (the model's own answers to neutral "
                 "prompts), one prompt per entry, so that edits hold deep in a conversation."})
+    request_templates: int = field(default=0, metadata={
+        "help": "Requests about the subject from the shipped templates ('What should I buy for my {subject}?', "
+                "...) added to each cluster's keys and value prompts, so edits shape advice and product requests."})
     synonyms: int = field(default=4, metadata={"help": "Synonyms asked of the model when none are given."})
     contexts: int = field(default=3, metadata={"help": "Self-generated context prefixes keys average over."})
     bank_sizes: dict[str, list[int]] = field(

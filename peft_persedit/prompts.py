@@ -4,6 +4,8 @@
   longer tasks; for locality measurement and gate calibration.
 * ``distractor_questions`` — short generic questions for distractor turns in multi-turn evaluation.
 * ``context_prefixes`` — short neutral sentences, fallback context templates when averaging keys.
+* ``request_templates`` — requests about "my {subject}" (advice, purchases, plans, recall): the kinds of request
+  a preference must shape besides its literal question; edits are keyed and fit on them too.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from importlib import resources
 
 __all__ = ["PROMPT_SETS", "load_prompt_set"]
 
-PROMPT_SETS = ("neutral_prompts", "distractor_questions", "context_prefixes")
+PROMPT_SETS = ("neutral_prompts", "distractor_questions", "context_prefixes", "request_templates")
 
 
 @cache

@@ -291,3 +291,35 @@ def test_values_are_also_fit_after_earlier_chat_turns(tokenizer, monkeypatch):
         for ids, index in request.prompts:  # the key token is the subject's, in the final question
             assert pref.subject in tokenizer.decode(ids[: index + 1])[-len(pref.subject) - 2:]
     assert edit_layers(pm)[0].num_clusters("default") == 2
+
+
+def test_request_templates_add_subject_requests_to_keys_and_values(tokenizer, monkeypatch):
+    """request_templates=2: each cluster is also keyed on, and its δ fit on, the first two shipped requests about
+    its subject ("Any recommendations related to my pet?", ...), after its own question."""
+    from peft_persedit.editing import editor as editor_module
+    from peft_persedit.editing.clusters import request_members
+    from peft_persedit.prompts import load_prompt_set
+
+    templates = load_prompt_set("request_templates")
+    assert len(templates) >= 4 and all("{subject}" in t for t in templates)
+    assert request_members(PREFS[1], 2) == [(t.format(subject="pet"), "pet") for t in templates[:2]]
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.extend(args[2])
+        return optimize(*args, **kwargs)
+
+    optimize = editor_module.optimize_values
+    monkeypatch.setattr(editor_module, "optimize_values", spy)
+    pm = tiny_pm(request_templates=2)
+    editor = PersonalizationEditor(pm, tokenizer, progress=False)
+    members = editor.members([("default", p) for p in PREFS[1:]])
+    assert [m[-2:] for m in members] == [request_members(p, 2) for p in PREFS[1:]]
+    report = editor.edit(PREFS[1:], verify=False)
+    assert [r.cluster_size for r in report.results] == [3, 3]
+    for request, pref in zip(seen, PREFS[1:]):
+        texts = [tokenizer.decode(ids) for ids, _ in request.prompts]
+        assert len(texts) == 3 and pref.question in texts[0]
+        assert all(q in text for (q, _), text in zip(request_members(pref, 2), texts[1:]))
+        for ids, index in request.prompts:
+            assert pref.subject in tokenizer.decode(ids[: index + 1])[-len(pref.subject) - 2:]

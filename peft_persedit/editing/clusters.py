@@ -13,6 +13,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..preferences import Preference
+from ..prompts import load_prompt_set
 from .chat import chat_text
 from .selftext import generate
 
@@ -36,6 +37,11 @@ def model_synonyms(model: nn.Module, tokenizer: PreTrainedTokenizerBase, subject
     prompts = [chat_text(tokenizer, SYNONYM_PROMPT.format(n=n, subject=s)) for s in unique]
     answers = generate(model, tokenizer, prompts, max_new_tokens=24)
     return {s: parse_synonyms(a, s, n) for s, a in zip(unique, answers)}
+
+
+def request_members(pref: Preference, n: int) -> list[tuple[str, str]]:
+    """(request, subject) pairs from the first ``n`` shipped request templates, about ``pref``'s subject."""
+    return [(t.format(subject=pref.subject), pref.subject) for t in load_prompt_set("request_templates")[:n]]
 
 
 def cluster_members(pref: Preference, synonyms: list[str] | None = None) -> list[tuple[str, str]]:

@@ -20,7 +20,7 @@ from ..peft_type import BASE_ADAPTER
 from ..preferences import Preference
 from .apply import add_preference_clusters, set_missing_centers
 from .chat import chat_text, encode, pad_id, subject_token_index
-from .clusters import cluster_members, model_synonyms
+from .clusters import cluster_members, model_synonyms, request_members
 from .gate import GateCalibration, calibrate, cluster_max_scores, leaked_inputs, own_subject_mask
 from .keys import cluster_keys, layer_inputs
 from .report import EditReport, PreferenceResult, StageTimer
@@ -208,7 +208,8 @@ class PersonalizationEditor:
         if need:
             with self.model.disable_adapter():
                 synonyms = model_synonyms(self.model, self.tokenizer, need, self.config.synonyms)
-        return [cluster_members(p, synonyms.get(p.subject)) for _, p in jobs]
+        requests = self.config.request_templates
+        return [cluster_members(p, synonyms.get(p.subject)) + request_members(p, requests) for _, p in jobs]
 
     def key_contexts(self) -> list[str]:
         """Contexts of the keys: "" (the bare prompt), then the base model's self-generated prefixes."""
@@ -250,7 +251,8 @@ class PersonalizationEditor:
         histories = [[turns[(13 * h + t) % len(turns)] for t in range(count)]
                      for h, count in enumerate(self.config.value_histories)]
         for (adapter, pref), cluster in zip(jobs, members):
-            prompts = [self.key_prompt(q, s, "", pref.id) for q, s in cluster[: self.config.value_questions]]
+            asked = cluster[: self.config.value_questions] + request_members(pref, self.config.request_templates)
+            prompts = [self.key_prompt(q, s, "", pref.id) for q, s in asked]
             shared = [0] * len(prompts)
             for history in histories:
                 prompts.append(self.key_prompt(*cluster[0], "", pref.id, history))
