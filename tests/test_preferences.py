@@ -248,7 +248,12 @@ def test_prompt_set_shapes() -> None:
     assert all(len(p) <= 60 for p in load_prompt_set("context_prefixes"))
     with pytest.raises(ValueError, match="unknown prompt set"):
         load_prompt_set("nope")
-    assert set(PROMPT_SETS) == {"neutral_prompts", "distractor_questions", "context_prefixes"}
+    assert set(PROMPT_SETS) == {"neutral_prompts", "distractor_questions", "context_prefixes", "request_templates"}
+    requests = load_prompt_set("request_templates")
+    assert len(requests) >= 4 and all(r.count("{subject}") == 1 for r in requests)
+    upqa = {q.lower() for p in load_preferences(dataset_path("upqa_dev")) for q in
+            (p.question, p.paraphrased_question, p.implicit_question, p.product_question) if q}
+    assert not {r.format(subject=s).lower() for r in requests for s in ("hobby", "pet", "job")} & upqa  # no UPQA text
 
 
 # ------------------------------------------------------------------------------------------ length limits
