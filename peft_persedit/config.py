@@ -96,10 +96,10 @@ class PersonalizationEditConfig(PeftConfig):
     preserve_leaks: int = field(default=32, metadata={
         "help": "Negative inputs a gate cannot exclude that the cluster's delta must map to 0 (at most, per cluster)."})
     value_questions: int = field(default=1, metadata={"help": "Cluster questions v* is optimized on."})
-    value_histories: list[int] = field(default_factory=list, metadata={
+    value_histories: list[int] = field(default_factory=lambda: [3, 8], metadata={
         "help": "v* is also optimized after this many earlier chat turns (the model's own answers to neutral "
                 "prompts), one prompt per entry, so that edits hold deep in a conversation."})
-    request_templates: int = field(default=0, metadata={
+    request_templates: int = field(default=4, metadata={
         "help": "Requests about the subject from the shipped templates ('What should I buy for my {subject}?', "
                 "...) added to each cluster's keys and value prompts, so edits shape advice and product requests."})
     synonyms: int = field(default=4, metadata={"help": "Synonyms asked of the model when none are given."})

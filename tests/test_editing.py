@@ -277,7 +277,7 @@ def test_values_are_also_fit_after_earlier_chat_turns(tokenizer, monkeypatch):
 
     optimize = editor_module.optimize_values
     monkeypatch.setattr(editor_module, "optimize_values", spy)
-    pm = tiny_pm(value_histories=[1, 2])
+    pm = tiny_pm(value_histories=[1, 2], request_templates=0)
     PersonalizationEditor(pm, tokenizer, progress=False).edit(PREFS[1:], verify=False)
     with pm.disable_adapter():
         turns = chat_turns(pm, tokenizer)
@@ -311,7 +311,7 @@ def test_request_templates_add_subject_requests_to_keys_and_values(tokenizer, mo
 
     optimize = editor_module.optimize_values
     monkeypatch.setattr(editor_module, "optimize_values", spy)
-    pm = tiny_pm(request_templates=2)
+    pm = tiny_pm(request_templates=2, value_histories=[])
     editor = PersonalizationEditor(pm, tokenizer, progress=False)
     members = editor.members([("default", p) for p in PREFS[1:]])
     assert [m[-2:] for m in members] == [request_members(p, 2) for p in PREFS[1:]]
