@@ -3,7 +3,7 @@
     python benchmarks/bench_eval.py                  # --limit 100: the full comparison (target ≤ 45 min)
     python benchmarks/bench_eval.py --limit 20       # a cheaper run, labelled with its limit
 
-runs ``persedit eval --data upqa_balanced100 --methods base,ice,lora,rome,persedit --turns 0,2,6,10
+runs ``persedit eval --data upqa_balanced100 --methods base,ice,lora,rome,persedit,dpl --turns 0,2,6,10
 --limit N --workers 2 --out benchmarks/results/eval_limitN`` in this process (2 worker processes of 1 torch
 thread each on this 2-core machine) and adds to that folder ``command.txt``
 (the exact command) and ``projection.json``: the time the run took per method × protocol × stage, and the
@@ -32,7 +32,7 @@ FULL_ITEMS = 100
 
 def command(limit: int, out: str, workers: int, extra: list[str]) -> list[str]:
     """The ``persedit eval`` arguments of the comparison."""
-    return ["eval", "--data", "upqa_balanced100", "--methods", "base,ice,lora,rome,persedit", "--turns", "0,2,6,10",
+    return ["eval", "--data", "upqa_balanced100", "--methods", "base,ice,lora,rome,persedit,dpl", "--turns", "0,2,6,10",
             "--limit", str(limit), "--workers", str(workers), "--out", out, *extra]
 
 

@@ -248,10 +248,14 @@ def test_real_model_three_preferences(smol):
     report = editor.edit_users({f"user{i}": [p] for i, p in enumerate(prefs)})
     assert report.efficacy >= 2 / 3, str(report)
     neutral = "What is the capital of France?"
-    from peft_persedit.editing.verify import answer_questions
+    from peft_persedit.editing.verify import answer_questions, target_hit
 
     base = answer_questions(pm, tokenizer, [neutral], ["__base__"])
-    assert answer_questions(pm, tokenizer, [neutral] * 3, [r.adapter for r in report.results]) == base * 3
+    adapters = [r.adapter for r in report.results]
+    assert answer_questions(pm, tokenizer, [neutral] * 3, adapters) == base * 3
+    # a product request the edit never saw (UPQA's, not a shipped template) is answered with the preference
+    product = answer_questions(pm, tokenizer, [p.product_question for p in prefs], adapters)
+    assert sum(target_hit(a, p.target) for a, p in zip(product, prefs)) >= 2, product
 
 
 def test_synonym_keys_never_sit_inside_another_members_question():

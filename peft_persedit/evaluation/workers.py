@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .jobs import JobResult, JobRunner
 
 #: Relative wall time of a job by method (UPQA, SmolLM2 on CPU); a grouped job costs ~0.8 of a single one.
-JOB_WEIGHT = {"representation": 4.0, "lora": 3.0, "rome": 2.0, "persedit": 1.5, "ice": 1.2, "dpl": 1.0}
+JOB_WEIGHT = {"representation": 4.0, "lora": 3.0, "rome": 2.0, "persedit": 4.5, "ice": 1.2, "dpl": 1.0}
 
 _runner: JobRunner | None = None  # the worker process's own harness
 
