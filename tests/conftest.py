@@ -57,6 +57,15 @@ def tokenizer():
     return tiny_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny llama and its tokenizer saved in one folder (a local model path for ``--model``)."""
+    path = tmp_path_factory.mktemp("tiny")
+    for part in (make_tiny_model("llama"), tiny_tokenizer()):
+        part.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def smol():
     """The embedded SmolLM2-135M-Instruct (converted once, cached): ``(model, tokenizer)``."""

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_models import make_tiny_model, tiny_tokenizer
 
 import peft_persedit.cli
 from peft_persedit.cli import main
@@ -19,14 +18,6 @@ ITEMS = [
      "question_paraphrased": "Which animal lives with me?", "implicit_question": "What food should I buy?",
      "product_recommendation_question": "Any toys for my pet?", "target": "A turtle"},
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    make_tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 def write(path, data) -> str:

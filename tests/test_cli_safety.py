@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from peft import PeftModel
-from test_cli import ITEMS, tiny_dir, write  # noqa: F401  (tiny_dir is a fixture)
+from test_cli import ITEMS, write
 
 from peft_persedit.cli import main
 
@@ -31,7 +31,7 @@ def last_error(capsys) -> str:
 
 
 @pytest.fixture
-def adapter(tiny_dir, tmp_path):  # noqa: F811
+def adapter(tiny_dir, tmp_path):
     """An adapter holding ITEMS, plus a README.md and notes.txt the user put into its folder."""
     out = tmp_path / "alice"
     assert edit(write(tmp_path / "p.json", ITEMS), out, tiny_dir) == 0
@@ -71,21 +71,21 @@ def test_edit_refuses_an_out_that_is_not_ours_before_any_work(tmp_path, capsys, 
     assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == sorted(listing + ["p.json"])
 
 
-def test_edit_into_an_empty_folder(tiny_dir, tmp_path):  # noqa: F811
+def test_edit_into_an_empty_folder(tiny_dir, tmp_path):
     out = tmp_path / "empty"
     out.mkdir()
     assert edit(write(tmp_path / "p.json", ITEMS), out, tiny_dir) == 0
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
 
 
-def test_same_preferences_again_change_nothing(adapter, tiny_dir, capsys):  # noqa: F811
+def test_same_preferences_again_change_nothing(adapter, tiny_dir, capsys):
     before = snapshot(adapter)
     assert edit(str(adapter.parent / "p.json"), adapter, tiny_dir) == 0
     assert "nothing to edit" in capsys.readouterr().out
     assert snapshot(adapter) == before
 
 
-def test_extending_keeps_the_users_files_and_merges_the_report(adapter, tiny_dir, tmp_path, capsys):  # noqa: F811
+def test_extending_keeps_the_users_files_and_merges_the_report(adapter, tiny_dir, tmp_path, capsys):
     assert edit(write(tmp_path / "rust.json", [RUST]), adapter, tiny_dir) == 0
     assert (adapter / "README.md").read_text() == "my notes about alice\n"
     assert (adapter / "notes.txt").read_text() == "do not delete\n"
@@ -94,7 +94,7 @@ def test_extending_keeps_the_users_files_and_merges_the_report(adapter, tiny_dir
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
 
 
-def test_interrupted_save_leaves_the_old_adapter_intact(adapter, tiny_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_interrupted_save_leaves_the_old_adapter_intact(adapter, tiny_dir, tmp_path, capsys, monkeypatch):
     def broken_save(self, save_directory, **kwargs):
         Path(save_directory, "adapter_model.safetensors").write_bytes(b"half a tensor")
         raise OSError("No space left on device")
@@ -109,7 +109,7 @@ def test_interrupted_save_leaves_the_old_adapter_intact(adapter, tiny_dir, tmp_p
     assert main(["ask", str(adapter), "What's my pet?", "--model", str(tiny_dir), "--max-new-tokens", "2"]) == 0
 
 
-def test_conflict_update_and_forget(adapter, tiny_dir, tmp_path, capsys):  # noqa: F811
+def test_conflict_update_and_forget(adapter, tiny_dir, tmp_path, capsys):
     assert edit(write(tmp_path / "rust.json", [RUST]), adapter, tiny_dir) == 0
     before = snapshot(adapter)
     go = write(tmp_path / "go.json", [GO])

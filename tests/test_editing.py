@@ -267,20 +267,27 @@ def test_synonym_keys_never_sit_inside_another_members_question():
                                                                    ("What's my meal?", "meal")]
 
 
-def test_values_are_also_fit_after_earlier_chat_turns(tokenizer, monkeypatch):
-    """value_histories=[1, 2]: each preference's δ is optimized on its question bare and after 1 and 2 turns of
-    the model's own chat (its answers to held-in neutral prompts), ending in the same question."""
+@pytest.fixture
+def seen(monkeypatch) -> list:
+    """The value requests every ``optimize_values`` call of the editor receives, collected while it runs."""
     from peft_persedit.editing import editor as editor_module
-    from peft_persedit.editing.selftext import chat_turns
 
-    seen = []
+    requests: list = []
+    optimize = editor_module.optimize_values
 
     def spy(*args, **kwargs):
-        seen.extend(args[2])
+        requests.extend(args[2])
         return optimize(*args, **kwargs)
 
-    optimize = editor_module.optimize_values
     monkeypatch.setattr(editor_module, "optimize_values", spy)
+    return requests
+
+
+def test_values_are_also_fit_after_earlier_chat_turns(tokenizer, seen):
+    """value_histories=[1, 2]: each preference's δ is optimized on its question bare and after 1 and 2 turns of
+    the model's own chat (its answers to held-in neutral prompts), ending in the same question."""
+    from peft_persedit.editing.selftext import chat_turns
+
     pm = tiny_pm(value_histories=[1, 2], request_templates=0)
     PersonalizationEditor(pm, tokenizer, progress=False).edit(PREFS[1:], verify=False)
     with pm.disable_adapter():
@@ -297,24 +304,15 @@ def test_values_are_also_fit_after_earlier_chat_turns(tokenizer, monkeypatch):
     assert edit_layers(pm)[0].num_clusters("default") == 2
 
 
-def test_request_templates_add_subject_requests_to_keys_and_values(tokenizer, monkeypatch):
+def test_request_templates_add_subject_requests_to_keys_and_values(tokenizer, seen):
     """request_templates=2: each cluster is also keyed on, and its δ fit on, the first two shipped requests about
     its subject ("Any recommendations related to my pet?", ...), after its own question."""
-    from peft_persedit.editing import editor as editor_module
     from peft_persedit.editing.clusters import request_members
     from peft_persedit.prompts import load_prompt_set
 
     templates = load_prompt_set("request_templates")
     assert len(templates) >= 4 and all("{subject}" in t for t in templates)
     assert request_members(PREFS[1], 2) == [(t.format(subject="pet"), "pet") for t in templates[:2]]
-    seen = []
-
-    def spy(*args, **kwargs):
-        seen.extend(args[2])
-        return optimize(*args, **kwargs)
-
-    optimize = editor_module.optimize_values
-    monkeypatch.setattr(editor_module, "optimize_values", spy)
     pm = tiny_pm(request_templates=2, value_histories=[])
     editor = PersonalizationEditor(pm, tokenizer, progress=False)
     members = editor.members([("default", p) for p in PREFS[1:]])

@@ -126,14 +126,6 @@ def test_unchanged_check_matches_generation():
 
 
 # ---------------------------------------------------------------------------------------- the command
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    for part in (make_tiny_model("llama"), tiny_tokenizer()):
-        part.save_pretrained(path)
-    return path
-
-
 def test_eval_every_method_and_protocol_on_a_tiny_model(tiny_dir, tmp_path, capsys):
     data, fillers, out = write(tmp_path / "d.json", ITEMS), write(tmp_path / "f.json", FILLERS), tmp_path / "ev"
     code = main(["eval", "--data", data, "--model", str(tiny_dir), "--out", str(out), "--turns", "0,1,3",

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import IDS, add_keyed_cluster, edit_layers, layer_io, threshold_between
 from peft import get_peft_model
-from tiny_models import make_tiny_model, tiny_tokenizer
+from tiny_models import make_tiny_model
 from torch.nn.functional import cosine_similarity
 
 from peft_persedit import PersonalizationEditConfig
@@ -80,14 +80,6 @@ def test_gate_sweep_config_cli_flag_and_method_hook(tmp_path):
     assert PersEdit.gate_sweep and not Method.gate_sweep and not ROME.gate_sweep
     with pytest.raises(NotImplementedError):
         Method.shifted_gates(object.__new__(Method), 0.1)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    for part in (make_tiny_model("llama"), tiny_tokenizer()):
-        part.save_pretrained(path)
-    return path
 
 
 def test_eval_gate_sweep_gives_frontier_rows_table_and_plot(tiny_dir, tmp_path):
