@@ -250,13 +250,14 @@ class PersonalizationEditor:
             turns = chat_turns(self.model, self.tokenizer) if self.config.value_histories else []
         histories = [[turns[(13 * h + t) % len(turns)] for t in range(count)]
                      for h, count in enumerate(self.config.value_histories)]
+        history_tokens = [self._history_tokens(history) for history in histories]  # once per call, not per job
         for (adapter, pref), cluster in zip(jobs, members):
             asked = cluster[: self.config.value_questions] + request_members(pref, self.config.request_templates)
             prompts = [self.key_prompt(q, s, "", pref.id) for q, s in asked]
             shared = [0] * len(prompts)
-            for history in histories:
+            for history, tokens in zip(histories, history_tokens):
                 prompts.append(self.key_prompt(*cluster[0], "", pref.id, history))
-                shared.append(self._history_tokens(history))
+                shared.append(tokens)
             kl_ids = encode(self.tokenizer, f"{pref.subject} is a")
             subject_end = len(encode(self.tokenizer, pref.subject)) - 1
             route = adapter if any(m.num_clusters(adapter) for m in self.modules.values()) else None  # empty = base
