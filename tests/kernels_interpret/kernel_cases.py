@@ -213,3 +213,25 @@ def check_op(device: str) -> None:
         args = (x, index, [getattr(bank, f) for f in BANK_FIELDS], meta.tensors, meta.sizes, True)
         torch.testing.assert_close(gated_edit_op(*args), reference(x, bank, index), **TOLERANCES[x.dtype])
         torch.library.opcheck(gated_edit_op, args)
+
+
+def device_tests(device: str) -> dict[str, Callable[..., None]]:
+    """The comparisons every kernel backend runs, bound to ``device``: test functions for a test module
+    (``globals().update(device_tests("cpu"))``), so the interpreter and the CUDA suites stay the same suite."""
+
+    @pytest.mark.parametrize("name,dtype", DTYPE_CASES, ids=[f"{n}-{str(d)[6:]}" for n, d in DTYPE_CASES])
+    def test_matches_reference(name: str, dtype: torch.dtype) -> None:
+        check_case(name, dtype, device)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+    def test_threshold_boundary(dtype: torch.dtype) -> None:
+        check_boundary(dtype, device)
+
+    def test_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+        check_dispatch(device, monkeypatch)
+
+    def test_custom_op() -> None:
+        check_op(device)
+
+    return {test.__name__: test for test in (test_matches_reference, test_threshold_boundary, test_dispatch,
+                                             test_custom_op)}

@@ -16,27 +16,11 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 pytest.importorskip("triton")
 
-from kernel_cases import CASES, DTYPE_CASES, check_boundary, check_case, check_dispatch, check_op, to_device  # noqa: E402
+from kernel_cases import CASES, device_tests, to_device  # noqa: E402
 
 from peft_persedit.kernels import gated_edit  # noqa: E402
 
-
-@pytest.mark.parametrize("name,dtype", DTYPE_CASES, ids=[f"{n}-{str(d)[6:]}" for n, d in DTYPE_CASES])
-def test_matches_reference(name: str, dtype: torch.dtype) -> None:
-    check_case(name, dtype, "cuda")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_threshold_boundary(dtype: torch.dtype) -> None:
-    check_boundary(dtype, "cuda")
-
-
-def test_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
-    check_dispatch("cuda", monkeypatch)
-
-
-def test_custom_op() -> None:
-    check_op("cuda")
+globals().update(device_tests("cuda"))
 
 
 def test_auto_backend_uses_triton_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:

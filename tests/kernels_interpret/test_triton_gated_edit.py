@@ -6,7 +6,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from kernel_cases import CASES, DTYPE_CASES, check_boundary, check_case, check_dispatch, check_op  # noqa: E402
+from kernel_cases import CASES, device_tests  # noqa: E402
 
 from peft_persedit.kernels import triton_gated_edit  # noqa: E402
 
@@ -22,22 +22,7 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("name,dtype", DTYPE_CASES, ids=[f"{n}-{str(d)[6:]}" for n, d in DTYPE_CASES])
-def test_matches_reference(name: str, dtype: torch.dtype) -> None:
-    check_case(name, dtype, "cpu")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_threshold_boundary(dtype: torch.dtype) -> None:
-    check_boundary(dtype, "cpu")
-
-
-def test_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
-    check_dispatch("cpu", monkeypatch)
-
-
-def test_custom_op() -> None:
-    check_op("cpu")
+globals().update(device_tests("cpu"))
 
 
 def test_empty_batch() -> None:
