@@ -18,6 +18,7 @@ preferences still being optimized.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -110,11 +111,11 @@ class _Chunk:
         self.cache = None
         if self.prefix_len:
             rows_in = 1 if self.shared else len(self.rows)
+            decoder = _decoder(model)
             with torch.no_grad(), _routing(model, adapters[:rows_in] if adapters else None):
-                out = _decoder(model)(input_ids=prefix_ids.to(device),
-                                      attention_mask=self.mask[:rows_in, : self.prefix_len],
-                                      position_ids=self.prefix_positions[:rows_in], use_cache=True)
-            self.cache = out.past_key_values
+                out = decoder(input_ids=prefix_ids.to(device), attention_mask=self.mask[:rows_in, : self.prefix_len],
+                              position_ids=self.prefix_positions[:rows_in], use_cache=True)
+            self.cache = getattr(out, _cache_name(decoder))
 
     def subset(self, keep: torch.Tensor) -> _Chunk:
         """The same chunk restricted to the rows where ``keep`` [rows] is True (prefix cache rows selected)."""
@@ -138,9 +139,10 @@ class _Chunk:
         cache = copy.deepcopy(self.cache)  # the forward appends the suffix to it; keep the prefix pristine
         if cache is not None and self.shared:
             cache.batch_repeat_interleave(len(self.rows))
+        decoder = _decoder(model)
         with _routing(model, self.adapters):
-            hidden = _decoder(model)(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions,
-                                     past_key_values=cache, use_cache=cache is not None).last_hidden_state
+            hidden = decoder(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions,
+                             use_cache=cache is not None, **{_cache_name(decoder): cache}).last_hidden_state
         head = model.get_base_model().get_output_embeddings()
         return torch.log_softmax(head(hidden[self.flat_rows, self.flat_pos]).float(), dim=-1)
 
@@ -165,6 +167,12 @@ class _Chunk:
 
 def _decoder(model: nn.Module) -> nn.Module:
     return model.get_base_model().base_model
+
+
+def _cache_name(decoder: nn.Module) -> str:
+    """The decoder's key/value-cache argument and output field: ``cache`` (transformers ≥ 5.x renamed it) or
+    ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 def _routing(model: nn.Module, adapters: list[str] | None):
