@@ -10,6 +10,9 @@ Per method and protocol, over the users' preferences p:
     locality_neutral / locality_other           per user u: share of neutral prompts / of other users'
                     questions (other subject and question) whose greedy output u's personalization leaves
                     unchanged; averaged over the sampled users.
+    fluency         per question metric: mean n-gram entropy of the answers (ROME's generation entropy,
+                    ⅔·H₂ and ⁴⁄₃·H₃ averaged, H_n = −Σ f log₂ f over the answer's word n-grams); an edit that
+                    makes answers loop or collapse lowers it.
 
 The gate-threshold sweep (persedit, protocol single) repeats the four question metrics and locality with every
 gate threshold moved, τ_c ← τ_c + o; :func:`frontier` gives one row of exact shares per offset o.
@@ -17,7 +20,9 @@ gate threshold moved, τ_c ← τ_c + o; :func:`frontier` gives one row of exact
 
 from __future__ import annotations
 
-from collections import defaultdict
+import math
+import re
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 
 QUESTION_METRICS: dict[str, str] = {
@@ -58,8 +63,21 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights: tuple[float, ...] = (2 / 3, 4 / 3)) -> float:
+    """ROME's generation entropy of ``text``: mean_n w_n · H_n, H_n = −Σ_g f_g log₂ f_g over its word n-grams g
+    (words and punctuation marks, lower-cased); 0 for a text too short to have any."""
+    words = re.findall(r"\w+|[^\w\s]", text.lower())
+    entropies = []
+    for n, weight in zip(ns, weights):
+        counts = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        total = sum(counts.values())
+        entropies.append(weight * -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0)
+    return _mean(entropies)
+
+
 def summarize(records: list[Record]) -> list[dict]:
-    """Rows ``{protocol, method, metric, turns, n, exact, semantic}``; locality averaged per user first.
+    """Rows ``{protocol, method, metric, turns, n, exact, semantic, fluency}``; locality averaged per user first
+    (its fluency: None).
 
     ``multiturn`` at N = 0 is filled from ``efficacy``.
     """
@@ -74,11 +92,13 @@ def summarize(records: list[Record]) -> list[dict]:
                 per_user[r.user].append(r.exact)
             exact = _mean([_mean([float(x) for x in v]) for v in per_user.values()])
             semantic = None
+            fluency = None
         else:
             exact = _mean([float(r.exact) for r in members])
             semantic = _mean([float(r.semantic) for r in members if r.semantic is not None])
+            fluency = _mean([ngram_entropy(r.answer) for r in members])
         rows.append({"protocol": protocol, "method": method, "metric": metric, "turns": turns, "n": len(members),
-                     "exact": exact, "semantic": semantic})
+                     "exact": exact, "semantic": semantic, "fluency": fluency})
     rows += [{**row, "metric": MULTITURN, "turns": 0} for row in rows if row["metric"] == "efficacy"
              and any(r["metric"] == MULTITURN and r["protocol"] == row["protocol"] for r in rows)]
     return rows

@@ -36,7 +36,9 @@ def _row(summary: dict, protocol: str, method: str, turns: list[int]) -> list[st
 
     cells = [_cell(get(m).get("exact"), get(m).get("semantic")) for m in QUESTION_METRICS]
     cells += [_cell(get(MULTITURN, n).get("exact")) for n in turns]
-    return cells + [_cell(get(m).get("exact")) for m in LOCALITY_METRICS]
+    cells += [_cell(get(m).get("exact")) for m in LOCALITY_METRICS]
+    fluency = get("efficacy").get("fluency")
+    return cells + ["–" if fluency is None else f"{fluency:.2f}"]
 
 
 def frontier_table(results: dict) -> str:
@@ -67,7 +69,7 @@ def tables(results: dict) -> str:
         per_user = "1 preference per user" if protocol == "single" else "several preferences per user, one adapter"
         lines += [f"### Protocol `{protocol}` ({users} users; {per_user})", ""]
         head = [*QUESTION_METRICS, *(f"{MULTITURN}@{n}" for n in (turns if protocol == "single" else [])),
-                *LOCALITY_METRICS, "edit s/user", "peak RSS MB", "adapter B/pref"]
+                *LOCALITY_METRICS, "fluency", "edit s/user", "peak RSS MB", "adapter B/pref"]
         lines += ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
         for method in (m for m in METHODS if (protocol, m) in cost):
             cells = _row(summary, protocol, method, turns if protocol == "single" else [])
@@ -94,6 +96,7 @@ def markdown(results: dict) -> str:
         f"(the first {config['locality_prompts']} neutral prompts, {results['locality_prompts_held_out']} of them "
         f"held out from gate calibration; other users' questions about other attributes), averaged over "
         f"{config['locality_users'] or 'all'} sampled users. multiturn@N: efficacy after N distractor turns. "
+        "fluency: mean n-gram entropy of the answers to the literal question (ROME's; lower = more repetitive). "
         "edit s/user: personalization wall time / users; peak RSS during it; adapter bytes on disk per preference "
         "(ICE: prompt bytes).", "",
         tables(results),
