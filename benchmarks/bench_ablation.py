@@ -2,8 +2,8 @@
 
 Each setting runs ``evaluate(data="upqa_balanced100", methods=["base", "persedit"], protocols=["single"],
 turns=[10], limit=N, gate_sweep=[])`` with ``PersEdit.edit_config`` = the setting's
-:class:`~peft_persedit.PersonalizationEditConfig` fields, and prints one line of exact-match scores, edit seconds
-per user and peak RSS; results land in ``--out/<name>/``.
+:class:`~peft_persedit.PersonalizationEditConfig` fields, and prints one line of exact-match scores, the
+fluency (distinct-3) of the literal answers, edit seconds per user and peak RSS; results land in ``--out/<name>/``.
 
     python benchmarks/bench_ablation.py --limit 20 --setting none '{"request_templates": 0, "value_histories": []}'
     python benchmarks/bench_ablation.py --limit 20 --setting default '{}'
@@ -29,6 +29,8 @@ def run(name: str, fields: dict, limit: int, out: Path) -> dict:
                        limit=limit, gate_sweep=[], out=out / name, progress=False, plots=False)
     scores = {(r["metric"] + (f"@{r['turns']}" if r["turns"] else "")): round(r["exact"], 2)
               for r in results["summary"] if r["method"] == "persedit"}
+    scores["fluency"] = next(round(r["fluency"], 3) for r in results["summary"]
+                             if (r["method"], r["metric"]) == ("persedit", "efficacy"))
     cost = next(c for c in results["cost"] if c["method"] == "persedit")
     return {"setting": name, "fields": fields, **dict(sorted(scores.items())),
             "edit_seconds_per_user": round(cost["seconds_per_user"], 2), "peak_rss_mb": cost["peak_rss_mb"]}

@@ -87,6 +87,11 @@ class PersonalizationEditConfig(PeftConfig):
     value_lr: float = field(default=1.0, metadata={"help": "Learning rate of the v* optimization."})
     kl_weight: float = field(default=0.0625, metadata={"help": "Weight of the KL term on a neutral prompt."})
     value_weight_decay: float = field(default=1e-3, metadata={"help": "L2 penalty on ‖δ‖ / ‖v‖."})
+    continuation_tokens: int = field(default=0, metadata={
+        "help": "Tokens of the model's own answer after the target whose next-token distributions v* must leave as "
+                "they were (KL), so the rest of an edited answer stays fluent; 0 = off (on the embedded model 8 "
+                "tokens did not make answers less repetitive and lowered multiturn@10: benchmarks/README.md)."})
+    continuation_weight: float = field(default=0.5, metadata={"help": "Weight of that continuation KL."})
     clamp_norm_factor: float = field(default=4.0, metadata={"help": "‖δ‖ ≤ factor · ‖v‖."})
     mom2: Literal["self", "none"] = field(
         default="self", metadata={"help": "Second moment C = E[k kᵀ] from self-generated text, or none."}

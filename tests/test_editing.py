@@ -63,7 +63,7 @@ def test_value_chunk_subset_scores_its_rows_as_the_full_chunk_does(tokenizer):
         text = chat_text(tokenizer, pref.question)
         prompt = (encode(tokenizer, text), subject_token_index(tokenizer, text, pref.question, pref.subject))
         requests.append(ValueRequest([prompt], encode(tokenizer, pref.target), (encode(tokenizer, "pet is a"), 0)))
-    rows = _rows(requests)
+    rows = _rows(requests, kl_weight=0.0625)
     chunk = _Chunk(pm, rows, list(range(len(rows))), 2, None, torch.device("cpu"))
     with torch.no_grad():
         full = chunk.log_probs(pm)
@@ -115,6 +115,59 @@ def test_value_rows_after_one_history_share_a_batch_one_cache_and_score_as_own_p
         assert not torch.allclose(results[0][0], results[0][1])  # δ at the subject token changes the target's odds
     finally:
         handle.remove()
+
+
+def test_continuation_kl_keeps_what_the_model_says_after_the_target(tokenizer):
+    """A request's ``continuation`` becomes a KL row over the positions after prompt 0 + target (the last target
+    token predicts c_1); weighting it leaves the edited continuation closer to the unedited one, and the
+    editor (``continuation_tokens`` > 0) fills it with the adapter's own greedy tokens."""
+    from peft_persedit.editing.values import ValueRequest, _AddDelta, _Chunk, _rows, optimize_values
+
+    pm = tiny_pm()
+    layer = edit_layers(pm)[0]
+    with torch.no_grad():  # a random tiny model answers near-uniformly: sharpen it so δ visibly moves P
+        for weight in pm.get_base_model().parameters():
+            if weight.dim() == 2:
+                weight.mul_(10)
+    pref = PREFS[1]
+    text = chat_text(tokenizer, pref.question)
+    prompt = (encode(tokenizer, text), subject_token_index(tokenizer, text, pref.question, pref.subject))
+    target, continuation = encode(tokenizer, pref.target), encode(tokenizer, " It is very calm.")
+    request = ValueRequest([prompt], target, continuation=continuation)
+    rows = _rows([request], continuation_weight=2.0)
+    assert [r.is_kl for r in rows] == [False, True] and rows[1].weight == 2.0
+    kl_row = rows[1]
+    assert kl_row.suffix[-len(continuation):] == continuation and len(kl_row.loss_pos) == len(continuation)
+    assert kl_row.suffix[kl_row.loss_pos[0]] == target[-1] and kl_row.suffix[kl_row.loss_pos[0] + 1] == continuation[0]
+
+    def continuation_kl(delta: torch.Tensor) -> float:
+        chunk = _Chunk(pm, [kl_row], [0], 2, None, torch.device("cpu"))
+        hook = _AddDelta()
+        handle = layer.register_forward_hook(hook)
+        try:
+            hook.owner, hook.at = chunk.owner, chunk.at
+            with torch.no_grad():
+                plain = chunk.log_probs(pm)
+                hook.delta = delta
+                edited = chunk.log_probs(pm)
+        finally:
+            handle.remove()
+        return float((plain.exp() * (plain - edited)).sum(-1).mean())
+
+    kls = []
+    for weight in (0.0, 20.0):
+        torch.manual_seed(0)
+        result = optimize_values(pm, layer, [request], 2, steps=8, lr=1.0, kl_weight=0.0, nll_stop=0.0,
+                                 clamp_norm_factor=1e3, progress=False, continuation_weight=weight)
+        kls.append(continuation_kl(result.deltas))
+    assert kls[1] < 0.2 * kls[0]
+
+    seen_requests = []
+    editor = PersonalizationEditor(tiny_pm(continuation_tokens=4), tokenizer, progress=False)
+    original = editor._continuations
+    editor._continuations = lambda requests, tokens: (original(requests, tokens), seen_requests.extend(requests))
+    editor.edit(PREFS[1:2], verify=False)
+    assert seen_requests and 0 < len(seen_requests[0].continuation) <= editor.config.continuation_tokens
 
 
 def test_solve_maps_every_key_to_its_residual():

@@ -15,7 +15,7 @@ from peft_persedit.cli import main
 from peft_persedit.evaluation import EvalConfig, summarize
 from peft_persedit.evaluation.distractors import first_sentence, history, load_fillers
 from peft_persedit.evaluation.generation import generate_chats, greedy_unchanged, make_chat
-from peft_persedit.evaluation.metrics import Record, ngram_entropy
+from peft_persedit.evaluation.metrics import Record, distinct_ngrams
 from peft_persedit.evaluation.report import tables
 from peft_persedit.evaluation.scoring import overlap, stem, word_match
 from peft_persedit.evaluation.users import grouped_users, round_robin, single_users, spread
@@ -109,16 +109,15 @@ def test_summary_averages_locality_per_user_and_fills_multiturn_zero():
         r["method"] = "persedit"
     table = tables(results)
     assert "| persedit | 0.50 / 0.50 |" in table and "multiturn@2" in table
-    assert rows[("efficacy", 0)]["fluency"] == 0.0 and rows[("locality_neutral", 0)]["fluency"] is None
-    assert "| fluency |" in table and table.splitlines()[-1].endswith("| 0.00 | 1.00 | 9 | 10 |")
+    assert rows[("efficacy", 0)]["fluency"] == 1.0 and rows[("locality_neutral", 0)]["fluency"] is None
+    assert "| fluency |" in table and table.splitlines()[-1].endswith("| 1.00 | 1.00 | 9 | 10 |")
 
 
-def test_ngram_entropy_is_romes_generation_entropy_and_falls_when_answers_loop():
-    # 4 distinct bigrams and 3 distinct trigrams out of 4 and 3: H2 = 2, H3 = log2 3; mean of ⅔·H2 and ⁴⁄₃·H3
-    assert math.isclose(ngram_entropy("A b, c!"), (2 / 3 * 2 + 4 / 3 * math.log2(3)) / 2)
-    fluent = ngram_entropy("Turtle owner. Turtles need a warm tank, clean water and leafy greens every day.")
-    looping = ngram_entropy("Turtle owner. I'm A.A.A.A.A.A.A.A.A.A.A.A.A.A.A.A.A")
-    assert looping < fluent and ngram_entropy("") == ngram_entropy("hi") == 0.0
+def test_fluency_is_distinct_trigrams_and_falls_when_answers_loop():
+    assert distinct_ngrams("a b c a b c") == 3 / 4 and distinct_ngrams("Ice cream.") == distinct_ngrams("") == 1.0
+    fluent = distinct_ngrams("Turtle owner. Turtles need a warm tank, clean water and leafy greens every day.")
+    looping = distinct_ngrams("Turtle owner. I'm A.A.A.A.A.A.A.A.A.A.A.A.A.A.A.A.A")
+    assert looping < 0.5 < fluent == 1.0
 
 
 def test_unchanged_check_matches_generation():

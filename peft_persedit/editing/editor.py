@@ -21,6 +21,7 @@ from ..preferences import Preference
 from .apply import add_preference_clusters, set_missing_centers
 from .chat import chat_text, encode, pad_id, subject_token_index
 from .clusters import cluster_members, model_synonyms, request_members
+from .decoding import generate_batches
 from .gate import GateCalibration, calibrate, cluster_max_scores, leaked_inputs, own_subject_mask
 from .keys import cluster_keys, layer_inputs
 from .report import EditReport, PreferenceResult, StageTimer
@@ -263,11 +264,29 @@ class PersonalizationEditor:
             route = adapter if any(m.num_clusters(adapter) for m in self.modules.values()) else None  # empty = base
             requests.append(ValueRequest(prompts, encode(self.tokenizer, pref.target), (kl_ids, subject_end), route,
                                          shared))
-        last_module = list(self.modules.values())[-1]
         cfg = self.config
+        if cfg.continuation_tokens and cfg.continuation_weight:
+            self._continuations(requests, cfg.continuation_tokens)
+        last_module = list(self.modules.values())[-1]
         return optimize_values(self.model, last_module, requests, pad_id(self.tokenizer), steps=cfg.value_steps,
                                lr=cfg.value_lr, kl_weight=cfg.kl_weight, weight_decay=cfg.value_weight_decay,
-                               clamp_norm_factor=cfg.clamp_norm_factor, progress=self.progress)
+                               clamp_norm_factor=cfg.clamp_norm_factor, progress=self.progress,
+                               continuation_weight=cfg.continuation_weight)
+
+    def _continuations(self, requests: list[ValueRequest], tokens: int) -> None:
+        """Each request's ``continuation``: the greedy tokens its adapter (as it is before this edit) says after
+        prompt 0 and the target, up to and including an end-of-turn token."""
+        stops = {pad_id(self.tokenizer), self.tokenizer.eos_token_id}
+        prompts = [list(r.prompts[0][0]) + list(r.target_ids) for r in requests]
+        adapters = [r.adapter or BASE_ADAPTER for r in requests]
+        was_training = self.model.training
+        self.model.eval()
+        new = [row for batch, _ in generate_batches(self.model, self.tokenizer, prompts, max_new_tokens=tokens,
+                                                    batch_size=32, adapters=adapters) for row in batch.tolist()]
+        self.model.train(was_training)
+        for request, row in zip(requests, new):
+            end = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
+            request.continuation = row[:end]
 
     def _history_tokens(self, history: Sequence[tuple[str, str]]) -> int:
         """How many leading tokens every chat after ``history`` shares (whatever the question that follows)."""

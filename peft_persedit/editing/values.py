@@ -13,6 +13,13 @@ per step: long histories cost one prefill per call and no memory per preference.
 as soon as greedy decoding reproduces its whole target on every prompt and its NLL < ε (what efficacy
 needs); from then on its rows (prompts and KL) are dropped from their chunk, so each step costs only the
 preferences still being optimized.
+
+Once the target is said, δ should let the model go on as it would: with ``continuation`` c (the model's own
+greedy tokens after prompt 0 + y, computed without δ), a further KL row adds
+
+    λ_c · (1/|c|) Σ_j KL(P(·|p, y, c_<j) ‖ P(·|p, y, c_<j; h_s += δ_i))
+
+so that an edit strong enough to hold after many chat turns does not derail the rest of the answer.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ class ValueRequest:
     #: per prompt, how many leading tokens it shares with other requests' prompts (earlier chat turns); 0 or
     #: missing = none. Rows with the same shared tokens are batched on one cache of them.
     shared: list[int] = field(default_factory=list)
+    #: the model's own tokens after prompt 0 + target (without δ), whose distributions δ must keep (KL)
+    continuation: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -58,9 +67,12 @@ class _Row:
     is_kl: bool
     at: int = 0  # δ's position in the suffix (the subject token)
     shared: bool = False  # the prefix is shared with other rows (one batch-1 cache)
+    weight: float = 0.0  # a KL row's weight in the loss (target rows: 1 / the owner's number of target rows)
 
 
-def _rows(requests: list[ValueRequest], with_kl: bool = True) -> list[_Row]:
+def _rows(requests: list[ValueRequest], kl_weight: float = 0.0, continuation_weight: float = 0.0) -> list[_Row]:
+    """Per request: one target row per prompt, the KL row of its neutral prompt (if ``kl_weight``) and the KL row
+    of its continuation (if ``continuation_weight``)."""
     rows = []
     for i, request in enumerate(requests):
         for j, (ids, s) in enumerate(request.prompts):
@@ -69,9 +81,16 @@ def _rows(requests: list[ValueRequest], with_kl: bool = True) -> list[_Row]:
             start = len(ids) - cut - 1
             rows.append(_Row(i, list(ids[:cut]), suffix, list(range(start, start + len(request.target_ids))),
                              list(request.target_ids), False, s - cut, cut < s))
-        if with_kl and request.kl_prompt is not None:
+        if kl_weight > 0 and request.kl_prompt is not None:
             ids, s = request.kl_prompt
-            rows.append(_Row(i, list(ids[:s]), list(ids[s:]), [len(ids) - s - 1], [-1], True))
+            rows.append(_Row(i, list(ids[:s]), list(ids[s:]), [len(ids) - s - 1], [-1], True, weight=kl_weight))
+        if continuation_weight > 0 and request.continuation and request.prompts:
+            ids, s = request.prompts[0]
+            suffix = list(ids[s:]) + list(request.target_ids) + list(request.continuation)
+            start = len(ids) - s + len(request.target_ids) - 1  # the last target token predicts c_1
+            count = len(request.continuation)
+            rows.append(_Row(i, list(ids[:s]), suffix, list(range(start, start + count)), [-1] * count, True,
+                             weight=continuation_weight))
     return rows
 
 
@@ -147,17 +166,17 @@ class _Chunk:
         return torch.log_softmax(head(hidden[self.flat_rows, self.flat_pos]).float(), dim=-1)
 
     def losses(self, logp: torch.Tensor, kl_reference: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row: mean target NLL (or KL(reference ‖ now) for KL rows), and whether greedy decoding
+        """Per row: mean target NLL (or mean KL(reference ‖ now) for KL rows), and whether greedy decoding
         reproduces the whole target (every target token is the argmax; always True for KL rows)."""
         out, greedy, offset = [], [], 0
         for j, r in enumerate(self.rows):
             count = len(r.loss_pos)
-            if r.is_kl:
+            span = torch.arange(offset, offset + count, device=logp.device)
+            if r.is_kl:  # mean over the row's positions of KL(reference ‖ now)
                 ref = kl_reference[self.index[j]]
-                out.append(torch.sum(ref.exp() * (ref - logp[offset])))
+                out.append(torch.sum(ref.exp() * (ref - logp[span])) / count)
                 greedy.append(torch.tensor(True, device=logp.device))
             else:
-                span = torch.arange(offset, offset + count, device=logp.device)
                 labels = self.labels[offset:offset + count]
                 out.append(-logp[span, labels].mean())
                 greedy.append((logp[span].argmax(-1) == labels).all())
@@ -227,7 +246,7 @@ def _make_chunks(peft_model: nn.Module, requests: list[ValueRequest], rows: list
 @torch.no_grad()
 def _references(peft_model: nn.Module, hook: _AddDelta, chunks: list[_Chunk], n: int, device: torch.device
                 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """Without δ: ‖v_i‖ = max over i's rows of the original output's norm, and log P(·|n_i) per KL row."""
+    """Without δ: ‖v_i‖ = max over i's rows of the original output's norm, and log P at each KL row's positions."""
     norms = torch.zeros(n, device=device)
     kl_reference: dict[int, torch.Tensor] = {}
     hook.delta = None
@@ -239,14 +258,13 @@ def _references(peft_model: nn.Module, hook: _AddDelta, chunks: list[_Chunk], n:
             norms[r.owner] = torch.maximum(norms[r.owner], hook.original[j].norm())
             offset += len(r.loss_pos)
             if r.is_kl:
-                kl_reference[chunk.index[j]] = logp[offset - 1]
+                kl_reference[chunk.index[j]] = logp[offset - len(r.loss_pos):offset]
     return norms, kl_reference
 
 
 def _backward(peft_model: nn.Module, hook: _AddDelta, chunks: list[_Chunk], delta: torch.Tensor, done: torch.Tensor,
-              kl_reference: dict[int, torch.Tensor], kl_weight: float, per_owner: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step's gradient of Σ_i (mean NLL_i + λ_KL KL_i) over the unfinished preferences' rows; returns
+              kl_reference: dict[int, torch.Tensor], per_owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's gradient of Σ_i (mean NLL_i + λ_KL KL_i + λ_c KL_c,i) over the unfinished preferences' rows; returns
     (NLL [n], greedy reproduces every target [n])."""
     n = delta.shape[0]
     step_nll = torch.zeros(n, device=delta.device)
@@ -261,7 +279,8 @@ def _backward(peft_model: nn.Module, hook: _AddDelta, chunks: list[_Chunk], delt
         for j, ok in enumerate(greedy.tolist()):
             step_greedy[chunk.owner[j]] &= ok
         kl = torch.tensor([r.is_kl for r in chunk.rows], device=delta.device)
-        weights = torch.where(kl, kl_weight, 1.0 / per_owner[chunk.owner])
+        kl_weights = torch.tensor([r.weight for r in chunk.rows], device=delta.device)
+        weights = torch.where(kl, kl_weights, 1.0 / per_owner[chunk.owner])
         (losses * weights).sum().backward()
         step_nll.index_add_(0, chunk.owner[~kl], (losses.detach() / per_owner[chunk.owner])[~kl])
     return step_nll, step_greedy
@@ -270,11 +289,11 @@ def _backward(peft_model: nn.Module, hook: _AddDelta, chunks: list[_Chunk], delt
 def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[ValueRequest], pad: int, *,
                     steps: int = 25, lr: float = 0.5, kl_weight: float = 0.0625, weight_decay: float = 1e-3,
                     clamp_norm_factor: float = 4.0, nll_stop: float = 0.25, batch_size: int = 32,
-                    progress: bool = True, span: int = 1) -> ValueResult:
+                    progress: bool = True, span: int = 1, continuation_weight: float = 0.0) -> ValueResult:
     """Optimize δ_i for every request jointly (see module docstring). ``module`` = the edit layer; δ_i is
     added at the first ``span`` tokens from each prompt's index (1: the subject token)."""
     device = next(peft_model.parameters()).device
-    rows = _rows(requests, with_kl=kl_weight > 0)
+    rows = _rows(requests, kl_weight, continuation_weight)
     n = len(requests)
     hook = _AddDelta(span)
     handle = module.register_forward_hook(hook)
@@ -291,7 +310,7 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
         per_owner = per_owner.clamp(min=1).float().to(device)
         for _ in tqdm(range(steps), desc="values δ*", disable=not progress, leave=False):
             optimizer.zero_grad()
-            step_nll, step_greedy = _backward(peft_model, hook, chunks, delta, done, kl_reference, kl_weight, per_owner)
+            step_nll, step_greedy = _backward(peft_model, hook, chunks, delta, done, kl_reference, per_owner)
             decay = weight_decay * delta.pow(2).sum(-1) / norms.pow(2).clamp(min=1e-8)
             decay.sum().backward()
             nll = torch.where(done, nll, step_nll)

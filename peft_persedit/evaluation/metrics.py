@@ -10,9 +10,9 @@ Per method and protocol, over the users' preferences p:
     locality_neutral / locality_other           per user u: share of neutral prompts / of other users'
                     questions (other subject and question) whose greedy output u's personalization leaves
                     unchanged; averaged over the sampled users.
-    fluency         per question metric: mean n-gram entropy of the answers (ROME's generation entropy,
-                    ⅔·H₂ and ⁴⁄₃·H₃ averaged, H_n = −Σ f log₂ f over the answer's word n-grams); an edit that
-                    makes answers loop or collapse lowers it.
+    fluency         per question metric: mean distinct-3 of the answers, |distinct word trigrams| / |trigrams|
+                    (1 for an answer without a repeated trigram); an edit that makes answers loop lowers it.
+                    Unlike ROME's n-gram entropy it does not penalize a short, complete answer.
 
 The gate-threshold sweep (persedit, protocol single) repeats the four question metrics and locality with every
 gate threshold moved, τ_c ← τ_c + o; :func:`frontier` gives one row of exact shares per offset o.
@@ -20,9 +20,8 @@ gate threshold moved, τ_c ← τ_c + o; :func:`frontier` gives one row of exact
 
 from __future__ import annotations
 
-import math
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 
 QUESTION_METRICS: dict[str, str] = {
@@ -63,16 +62,12 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights: tuple[float, ...] = (2 / 3, 4 / 3)) -> float:
-    """ROME's generation entropy of ``text``: mean_n w_n · H_n, H_n = −Σ_g f_g log₂ f_g over its word n-grams g
-    (words and punctuation marks, lower-cased); 0 for a text too short to have any."""
+def distinct_ngrams(text: str, n: int = 3) -> float:
+    """distinct-n of ``text``: |set of word n-grams| / |n-grams| (words and punctuation marks, lower-cased); 1.0
+    when it has no n-gram."""
     words = re.findall(r"\w+|[^\w\s]", text.lower())
-    entropies = []
-    for n, weight in zip(ns, weights):
-        counts = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-        total = sum(counts.values())
-        entropies.append(weight * -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0)
-    return _mean(entropies)
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
 
 
 def summarize(records: list[Record]) -> list[dict]:
@@ -96,7 +91,7 @@ def summarize(records: list[Record]) -> list[dict]:
         else:
             exact = _mean([float(r.exact) for r in members])
             semantic = _mean([float(r.semantic) for r in members if r.semantic is not None])
-            fluency = _mean([ngram_entropy(r.answer) for r in members])
+            fluency = _mean([distinct_ngrams(r.answer) for r in members])
         rows.append({"protocol": protocol, "method": method, "metric": metric, "turns": turns, "n": len(members),
                      "exact": exact, "semantic": semantic, "fluency": fluency})
     rows += [{**row, "metric": MULTITURN, "turns": 0} for row in rows if row["metric"] == "efficacy"

@@ -96,7 +96,8 @@ def markdown(results: dict) -> str:
         f"(the first {config['locality_prompts']} neutral prompts, {results['locality_prompts_held_out']} of them "
         f"held out from gate calibration; other users' questions about other attributes), averaged over "
         f"{config['locality_users'] or 'all'} sampled users. multiturn@N: efficacy after N distractor turns. "
-        "fluency: mean n-gram entropy of the answers to the literal question (ROME's; lower = more repetitive). "
+        "fluency: mean distinct-3 (distinct / all word trigrams) of the answers to the literal question; lower = "
+        "more repetitive. "
         "edit s/user: personalization wall time / users; peak RSS during it; adapter bytes on disk per preference "
         "(ICE: prompt bytes).", "",
         tables(results),
