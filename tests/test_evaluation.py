@@ -267,3 +267,13 @@ def test_eval_in_two_worker_processes_matches_one(tiny_dir, tmp_path):
     assert base == [r["answer"] for r in one["records"] if r["method"] == "base"]  # run in this process both times
     assert [(c["protocol"], c["method"], c["users"]) for c in two["cost"]] == [
         (c["protocol"], c["method"], c["users"]) for c in one["cost"]]
+
+
+def test_rome_baseline_fits_values_on_the_question_alone():
+    """The paper's ROME: ungated, C = I, δ fit on the question only — persedit's request templates and chat
+    histories (its defaults) must not leak into the baseline."""
+    from peft_persedit import PersonalizationEditConfig
+    from peft_persedit.evaluation.methods.rome import ROME_CONFIG
+
+    config = PersonalizationEditConfig(**ROME_CONFIG)
+    assert (config.gate, config.mom2, config.request_templates, config.value_histories) == ("none", "none", 0, [])
