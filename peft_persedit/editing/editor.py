@@ -275,15 +275,13 @@ class PersonalizationEditor:
 
     def _continuations(self, requests: list[ValueRequest], tokens: int) -> None:
         """Each request's ``continuation``: the greedy tokens its adapter (as it is before this edit) says after
-        prompt 0 and the target, up to and including an end-of-turn token."""
+        prompt 0 and the target, up to and including an end-of-turn token (run inside :meth:`edit_many`, which
+        holds the model in eval mode, as mixed-adapter generation needs)."""
         stops = {pad_id(self.tokenizer), self.tokenizer.eos_token_id}
         prompts = [list(r.prompts[0][0]) + list(r.target_ids) for r in requests]
         adapters = [r.adapter or BASE_ADAPTER for r in requests]
-        was_training = self.model.training
-        self.model.eval()
         new = [row for batch, _ in generate_batches(self.model, self.tokenizer, prompts, max_new_tokens=tokens,
                                                     batch_size=32, adapters=adapters) for row in batch.tolist()]
-        self.model.train(was_training)
         for request, row in zip(requests, new):
             end = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
             request.continuation = row[:end]

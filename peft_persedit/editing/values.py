@@ -25,6 +25,7 @@ so that an edit strong enough to hold after many chat turns does not derail the 
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from dataclasses import dataclass, field
 
@@ -134,7 +135,7 @@ class _Chunk:
             with torch.no_grad(), _routing(model, adapters[:rows_in] if adapters else None):
                 out = decoder(input_ids=prefix_ids.to(device), attention_mask=self.mask[:rows_in, : self.prefix_len],
                               position_ids=self.prefix_positions[:rows_in], use_cache=True)
-            self.cache = getattr(out, _cache_name(decoder))
+            self.cache = getattr(out, _cache_name(type(decoder)))
 
     def subset(self, keep: torch.Tensor) -> _Chunk:
         """The same chunk restricted to the rows where ``keep`` [rows] is True (prefix cache rows selected)."""
@@ -161,7 +162,7 @@ class _Chunk:
         decoder = _decoder(model)
         with _routing(model, self.adapters):
             hidden = decoder(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions,
-                             use_cache=cache is not None, **{_cache_name(decoder): cache}).last_hidden_state
+                             use_cache=cache is not None, **{_cache_name(type(decoder)): cache}).last_hidden_state
         head = model.get_base_model().get_output_embeddings()
         return torch.log_softmax(head(hidden[self.flat_rows, self.flat_pos]).float(), dim=-1)
 
@@ -188,10 +189,11 @@ def _decoder(model: nn.Module) -> nn.Module:
     return model.get_base_model().base_model
 
 
-def _cache_name(decoder: nn.Module) -> str:
-    """The decoder's key/value-cache argument and output field: ``cache`` (transformers ≥ 5.x renamed it) or
-    ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+@functools.cache
+def _cache_name(decoder_class: type[nn.Module]) -> str:
+    """The decoder class's key/value-cache argument and output field: ``cache`` (transformers ≥ 5.x renamed it) or
+    ``past_key_values``; read once per class (it is asked on every forward of the value steps)."""
+    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
 
 
 def _routing(model: nn.Module, adapters: list[str] | None):
