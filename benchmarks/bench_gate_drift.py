@@ -19,7 +19,8 @@ from peft import get_peft_model
 from peft_persedit import PersonalizationEditConfig, load_default_model
 from peft_persedit.data_paths import dataset_path
 from peft_persedit.editing import PersonalizationEditor
-from peft_persedit.editing.chat import chat_text, encode, subject_token_index
+from peft_persedit.editing.chat import chat_text, encode, pad_id, subject_token_index
+from peft_persedit.editing.keys import layer_inputs
 from peft_persedit.evaluation.distractors import model_distractors
 from peft_persedit.kernels import cluster_scores
 from peft_persedit.layer import PersEditLayer
@@ -39,26 +40,15 @@ def main() -> None:
     PersonalizationEditor(pm, tokenizer, adapter_name="template", progress=False).edit_users(users, verify=False)
     pairs = model_distractors(pm.get_base_model(), tokenizer)
     layer = next(m for m in pm.modules() if isinstance(m, PersEditLayer))
-    seen: dict[str, torch.Tensor] = {}
-    handle = layer.register_forward_pre_hook(lambda module, inputs: seen.__setitem__("x", inputs[0].detach()))
-    try:
-        for turns in args.turns:
-            margins = []
-            for user, pref in zip(users, prefs):
-                text = chat_text(tokenizer, pref.question, history=pairs[:turns])
-                subject = subject_token_index(tokenizer, text, pref.question, pref.subject)
-                with torch.no_grad(), pm.disable_adapter():  # the layer input does not depend on the edit
-                    pm(input_ids=torch.tensor([encode(tokenizer, text)]))
-                bank = layer.packed_bank([user])
-                x = seen["x"][0]
-                scores = cluster_scores(x, bank, torch.zeros(x.shape[0], dtype=torch.long))[:, 0]
-                margins.append(float(scores[subject] - bank.tau[0]))
-            margins.sort()
-            print(f"{turns:>3} turns: gate fires for {sum(m >= 0 for m in margins)}/{len(margins)} users; "
-                  f"margin s − τ lowest {margins[0]:+.3f}, median {margins[len(margins) // 2]:+.3f}")
-    finally:
-        handle.remove()
-
+    for turns in args.turns:
+        texts = [chat_text(tokenizer, p.question, history=pairs[:turns]) for p in prefs]
+        subjects = [subject_token_index(tokenizer, t, p.question, p.subject) for t, p in zip(texts, prefs)]
+        # the edit layer's input does not depend on its own edit
+        inputs = layer_inputs(pm, [layer], [encode(tokenizer, t) for t in texts], pad_id(tokenizer), subjects)[0]
+        margins = sorted(float(cluster_scores(x[None], bank, torch.zeros(1, dtype=torch.long))[0, 0] - bank.tau[0])
+                         for x, bank in zip(inputs, (layer.packed_bank([user]) for user in users)))
+        print(f"{turns:>3} turns: gate fires for {sum(m >= 0 for m in margins)}/{len(margins)} users; "
+              f"margin s − τ lowest {margins[0]:+.3f}, median {margins[len(margins) // 2]:+.3f}")
 
 if __name__ == "__main__":
     main()

@@ -37,8 +37,7 @@ def _row(summary: dict, protocol: str, method: str, turns: list[int]) -> list[st
     cells = [_cell(get(m).get("exact"), get(m).get("semantic")) for m in QUESTION_METRICS]
     cells += [_cell(get(MULTITURN, n).get("exact")) for n in turns]
     cells += [_cell(get(m).get("exact")) for m in LOCALITY_METRICS]
-    fluency = get("efficacy").get("fluency")
-    return cells + ["–" if fluency is None else f"{fluency:.2f}"]
+    return cells + [_cell(get("efficacy").get("fluency"))]
 
 
 def frontier_table(results: dict) -> str:
