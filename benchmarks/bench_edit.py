@@ -160,7 +160,7 @@ def main() -> None:
             pm.delete_adapter(user)
 
     rome_cfg = PersonalizationEditConfig(gate="none", mom2="none", synonyms=0, contexts=0, request_templates=0,
-                                         value_histories=[])
+                                         value_histories=[], key_histories=[])
     if "rome" in sections:
         pm.add_adapter("rome_cfg", copy.deepcopy(rome_cfg))
         rome_users, results["rome_timings"] = edit_all(pm, tokenizer, prefs, "r", "rome_cfg")

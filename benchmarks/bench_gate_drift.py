@@ -4,7 +4,7 @@ Edits ``--limit`` users (one preference each, default config, one batched call),
 edit layer's input at the subject token of the literal question after N of the eval's distractor turns (the
 model's own answers, as ``persedit eval`` uses) and compares its gate score s = max_k cos(x − μ, K_k) with τ:
 
-    python benchmarks/bench_gate_drift.py [--limit 20] [--turns 0 2 10]
+    python benchmarks/bench_gate_drift.py [--limit 20] [--turns 0 2 10] [--config '{"key_histories": []}']
 
 prints, per N, how many gates fire and the lowest and median margins s − τ.
 """
@@ -12,6 +12,7 @@ prints, per N, how many gates fire and the lowest and median margins s − τ.
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 from peft import get_peft_model
@@ -31,11 +32,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=20)
     parser.add_argument("--turns", type=int, nargs="+", default=[0, 2, 10])
+    parser.add_argument("--config", type=json.loads, default={},
+                        help='config fields over the defaults, e.g. \'{"key_histories": []}\'')
     args = parser.parse_args()
     torch.set_num_threads(2)
     model, tokenizer = load_default_model()
     prefs = load_preferences(dataset_path("upqa_balanced100"))[: args.limit]
-    pm = get_peft_model(model, PersonalizationEditConfig(), adapter_name="template").eval()
+    pm = get_peft_model(model, PersonalizationEditConfig(**args.config), adapter_name="template").eval()
     users = {f"u{i}": [p] for i, p in enumerate(prefs)}
     PersonalizationEditor(pm, tokenizer, adapter_name="template", progress=False).edit_users(users, verify=False)
     pairs = model_distractors(pm.get_base_model(), tokenizer)

@@ -104,6 +104,9 @@ class PersonalizationEditConfig(PeftConfig):
     value_histories: list[int] = field(default_factory=lambda: [3, 8], metadata={
         "help": "v* is also optimized after this many earlier chat turns (the model's own answers to neutral "
                 "prompts), one prompt per entry, so that edits hold deep in a conversation."})
+    key_histories: list[int] = field(default_factory=lambda: [2, 5, 10], metadata={
+        "help": "Each cluster also gets the key of its question after this many earlier chat turns (the model's own "
+                "answers to neutral prompts), one key per entry, so that the gate still fires deep in a chat."})
     request_templates: int = field(default=4, metadata={
         "help": "Requests about the subject from the shipped templates ('What should I buy for my {subject}?', "
                 "...) added to each cluster's keys and value prompts, so edits shape advice and product requests."})

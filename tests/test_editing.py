@@ -378,3 +378,47 @@ def test_request_templates_add_subject_requests_to_keys_and_values(tokenizer, se
         assert all(q in text for (q, _), text in zip(request_members(pref, 2), texts[1:]))
         for ids, index in request.prompts:
             assert pref.subject in tokenizer.decode(ids[: index + 1])[-len(pref.subject) - 2:]
+
+
+def test_clusters_are_also_keyed_after_earlier_chat_turns(tokenizer):
+    """key_histories=[1, 3]: each cluster gets, besides its k-means keys, the keys of its own question after 1 and
+    3 earlier turns of the model's own chat, so the gate fires on that question deep in a conversation."""
+    from peft_persedit.editing.keys import cluster_keys
+
+    pm = tiny_pm(key_histories=[1, 3], value_histories=[], request_templates=0)
+    editor = PersonalizationEditor(pm, tokenizer, progress=False)
+    jobs = [("default", p) for p in PREFS[1:]]
+    members, contexts = editor.members(jobs), editor.key_contexts()
+    prompts, owner = editor.key_prompts(jobs, members, contexts)
+    plain = sum(len(c) for c in members) * len(contexts)
+    assert len(prompts) == plain + 2 * len(jobs) and owner[plain:].tolist() == [0, 0, 1, 1]
+    histories = editor.chat_histories([1, 3], seed=7)
+    assert [len(h) for h in histories] == [1, 3]
+    for (ids, index), (_, pref), history in zip(prompts[plain:], [jobs[0]] * 2 + [jobs[1]] * 2, histories * 2):
+        text = tokenizer.decode(ids)
+        assert all(q in text for q, _ in history) and text.rfind(pref.question) > text.rfind(history[-1][0])
+        assert tokenizer.decode(ids[: index + 1]).endswith(pref.subject)
+    x = layer_inputs(pm, edit_layers(pm), [p for p, _ in prompts], 2, [i for _, i in prompts])[0]
+    keys = cluster_keys(x, owner, [len(c) for c in members], len(contexts), 16, 2)
+    for i, k in enumerate(keys):  # the history keys are kept as they are, after the k-means keys
+        assert torch.equal(k[-2:], x[plain:][owner[plain:] == i])
+    layer = edit_layers(pm)[0]
+    editor.edit(PREFS[1:], verify=False)
+    assert torch.bincount(layer.persedit_key_cluster["default"]).tolist() == [len(k) for k in keys]
+
+
+def test_questions_about_the_same_subject_are_not_gate_negatives(tokenizer):
+    """Another user's question about the same subject ("Where does my family live?" for "What's my family
+    like?") is one a cluster's gate should fire on: its subject token is not a negative for τ."""
+    from peft_persedit.editing.gate import own_subject_mask
+
+    prefs = [Preference("family", "Where does my family live?", "Oslo"),
+             Preference("family", "What's my family like?", "Two sons"), PREFS[1]]
+    editor = PersonalizationEditor(tiny_pm(request_templates=0), tokenizer, progress=False)
+    jobs = [(f"u{i}", p) for i, p in enumerate(prefs)]
+    editor._check_jobs(jobs)  # creates the users' adapters
+    negatives = editor._negatives(jobs, editor.members(jobs))
+    assert negatives.same_subject.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    usable = own_subject_mask(0, negatives.token_owner, negatives.is_subject, negatives.same_subject)
+    subject_rows = negatives.is_subject.nonzero().flatten()
+    assert usable[subject_rows].tolist() == negatives.same_subject.logical_not().tolist()

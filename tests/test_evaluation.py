@@ -276,4 +276,5 @@ def test_rome_baseline_fits_values_on_the_question_alone():
     from peft_persedit.evaluation.methods.rome import ROME_CONFIG
 
     config = PersonalizationEditConfig(**ROME_CONFIG)
-    assert (config.gate, config.mom2, config.request_templates, config.value_histories) == ("none", "none", 0, [])
+    assert (config.gate, config.mom2, config.request_templates, config.value_histories, config.key_histories) == (
+        "none", "none", 0, [], [])

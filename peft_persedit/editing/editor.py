@@ -50,13 +50,14 @@ def find_conflicts(new: Iterable[Preference], held: Iterable[Preference]) -> lis
 @dataclass
 class _Negatives:
     """Question + answer token sequences used as gate negatives: token t belongs to sequence ``token_owner[t]``,
-    ``is_subject[t]``: t is a subject key token of this call's own question; ``same_question`` [P, C], sequence
-    p's question is one of cluster c's questions; ``same_adapter`` [P, C], p is held by c's adapter."""
+    ``is_subject[t]``: t is a subject key token of this call's own question; ``same_subject`` [P, C], sequence
+    p's question is one of cluster c's questions or asks about one of its subjects; ``same_adapter`` [P, C], p is
+    held by c's adapter."""
 
     answered: list[list[int]]
     token_owner: torch.Tensor
     is_subject: torch.Tensor
-    same_question: torch.Tensor
+    same_subject: torch.Tensor
     same_adapter: torch.Tensor
 
 
@@ -234,23 +235,35 @@ class PersonalizationEditor:
 
     def key_prompts(self, jobs: list[Job], members: list[list[tuple[str, str]]], contexts: list[str]
                     ) -> tuple[list[tuple[list[int], int]], torch.Tensor]:
-        """Every job's key prompts, job × question × context in order, and the job each belongs to."""
+        """Every job's key prompts, job × question × context in order, then job × ``key_histories`` (its own
+        question after that many earlier chat turns), and the job each belongs to."""
         prompts, owner = [], []
         for i, ((_, pref), cluster) in enumerate(zip(jobs, members)):
             for q, s in cluster:
                 for ctx in contexts:
                     prompts.append(self.key_prompt(q, s, ctx, pref.id))
                     owner.append(i)
+        histories = self.chat_histories(self.config.key_histories, seed=7)
+        for i, ((_, pref), cluster) in enumerate(zip(jobs, members)):
+            for history in histories:
+                prompts.append(self.key_prompt(*cluster[0], "", pref.id, history))
+                owner.append(i)
         return prompts, torch.tensor(owner, dtype=torch.long)
+
+    def chat_histories(self, counts: Sequence[int], seed: int = 0) -> list[list[tuple[str, str]]]:
+        """One chat history per entry of ``counts``: that many earlier turns (neutral prompts and the base
+        model's own answers, :func:`.selftext.chat_turns`), history h starting at turn 13 h + ``seed``."""
+        if not counts:
+            return []
+        with self.model.disable_adapter():
+            turns = chat_turns(self.model, self.tokenizer)
+        return [[turns[(13 * h + seed + t) % len(turns)] for t in range(count)] for h, count in enumerate(counts)]
 
     def _values(self, jobs: list[Job], members: list[list[tuple[str, str]]]):
         """δ per job on its first cluster questions, bare and after ``value_histories`` earlier chat turns (the
         same turns for every job, so their cache is computed once)."""
         requests = []
-        with self.model.disable_adapter():
-            turns = chat_turns(self.model, self.tokenizer) if self.config.value_histories else []
-        histories = [[turns[(13 * h + t) % len(turns)] for t in range(count)]
-                     for h, count in enumerate(self.config.value_histories)]
+        histories = self.chat_histories(self.config.value_histories)
         history_tokens = [self._history_tokens(history) for history in histories]  # once per call, not per job
         for (adapter, pref), cluster in zip(jobs, members):
             asked = cluster[: self.config.value_questions] + request_members(pref, self.config.request_templates)
@@ -312,11 +325,15 @@ class PersonalizationEditor:
             negative_jobs.append((adapter, pref))
         token_owner = torch.cat([torch.full((len(t),), j) for j, t in enumerate(answered)])
         token_pos = torch.cat([torch.arange(len(t)) for t in answered])
-        same_question = torch.tensor([[other.question in {q for q, _ in cluster} for cluster in members]
-                                      for _, other in negative_jobs], dtype=torch.bool)  # [P, C]
+        # another user's question about the same subject ("Where does my family live?" for "What's my family
+        # like?") is one this cluster's gate should fire on, not a negative
+        keyed = [({q for q, _ in cluster}, {s.casefold() for _, s in cluster}) for cluster in members]
+        same_subject = torch.tensor([[other.question in questions or other.subject.casefold() in subjects
+                                      for questions, subjects in keyed] for _, other in negative_jobs],
+                                    dtype=torch.bool)  # [P, C]
         # only a leak into the cluster's own adapter (or neutral text) can disturb it: rows are routed by adapter
         same_adapter = torch.tensor([[a == b for b, _ in jobs] for a, _ in negative_jobs], dtype=torch.bool)
-        return _Negatives(answered, token_owner, token_pos == torch.tensor(subject_pos)[token_owner], same_question,
+        return _Negatives(answered, token_owner, token_pos == torch.tensor(subject_pos)[token_owner], same_subject,
                           same_adapter)
 
     def _gate(self, module: PersEditLinear, stats: LayerStats | None, x: torch.Tensor, owner: torch.Tensor,
@@ -332,7 +349,7 @@ class PersonalizationEditor:
         neg_inputs = torch.cat([neutral, answers])
         neg_scores = cluster_max_scores(neg_inputs, center, unit)
         usable = own_subject_mask(neutral.shape[0], negatives.token_owner, negatives.is_subject,
-                                  negatives.same_question)
+                                  negatives.same_subject)
         calibration = calibrate(positives, neg_scores, self.config.false_fire_rate, usable)
         if self.config.gate == "none":  # ungated deltas fire everywhere: plain ROME/MEMIT
             return calibration, None
@@ -355,7 +372,8 @@ class PersonalizationEditor:
             x = layer_inputs(self.model, [module], [p[0] for p in prompts], pad, [p[1] for p in prompts],
                              desc=f"keys {name}" if self.progress else None)[0]
             answers = layer_inputs(self.model, [module], negatives.answered, pad)[0]
-            keys = cluster_keys(x, owner, [len(c) for c in members], len(contexts), self.config.max_keys_per_cluster)
+            keys = cluster_keys(x, owner, [len(c) for c in members], len(contexts), self.config.max_keys_per_cluster,
+                                len(self.config.key_histories))
             lap("keys")
             stat = stats[name] if stats is not None else None
             calibration, leaks = self._gate(module, stat, x, owner, keys, answers, negatives, adapters)

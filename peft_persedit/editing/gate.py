@@ -56,12 +56,13 @@ def calibrate(positive_scores: list[torch.Tensor], negative_scores: torch.Tensor
 
 
 def own_subject_mask(n_neutral: int, token_owner: torch.Tensor, is_subject: torch.Tensor,
-                     same_question: torch.Tensor) -> torch.Tensor:
+                     same_subject: torch.Tensor) -> torch.Tensor:
     """[n_neutral + T, C] negatives usable by cluster c: all neutral rows, and every question-and-answer token
-    except the subject tokens of questions that belong to c's own cluster (``same_question`` [P, C]: preference
-    p's question is one of c's cluster questions; token t belongs to preference ``token_owner[t]``)."""
-    own = is_subject[:, None] & same_question[token_owner]
-    return torch.cat([torch.ones(n_neutral, same_question.shape[1], dtype=torch.bool), ~own])
+    except the subject tokens of questions about c's own subjects (``same_subject`` [P, C]: preference p's question
+    is one of c's cluster questions or asks about one of its subjects; token t belongs to preference
+    ``token_owner[t]``)."""
+    own = is_subject[:, None] & same_subject[token_owner]
+    return torch.cat([torch.ones(n_neutral, same_subject.shape[1], dtype=torch.bool), ~own])
 
 
 def leaked_inputs(inputs: torch.Tensor, scores: torch.Tensor, usable: torch.Tensor, tau: torch.Tensor,

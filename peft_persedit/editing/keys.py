@@ -4,7 +4,9 @@ each preference's cluster of keys.
 For preference i with cluster questions q_1..q_m (own question + synonym questions) and contexts c_0 = "" (the
 bare inference format), c_1..c_n (self-generated prefixes), the key of (q, c) is the layer input at the
 subject's last token of chat(c ⊕ q). The cluster keeps, per question, the bare key x(q, c_0) and the context
-mean x̄(q) = 1/(n+1) Σ_j x(q, c_j), then k-means compresses the 2m keys to ≤ ``max_keys``.
+mean x̄(q) = 1/(n+1) Σ_j x(q, c_j), then k-means compresses the 2m keys to ≤ ``max_keys``. Keys of the own
+question after h = 1..H earlier chat turns, x(q_1 | history_h), are added as they are (the subject key drifts
+as a chat grows; these keep the gate firing there).
 """
 
 from __future__ import annotations
@@ -83,12 +85,14 @@ def layer_inputs(model: nn.Module, modules: Sequence[nn.Module], sequences: list
 
 
 def cluster_keys(inputs: torch.Tensor, owner: torch.Tensor, cluster_sizes: list[int], n_contexts: int,
-                 max_keys: int) -> list[torch.Tensor]:
-    """Per preference i, its keys [≤ max_keys, d] from ``inputs`` [N, d] (rows of preference i where
-    ``owner == i``, ordered question-major: question × context, context 0 = the bare prompt)."""
+                 max_keys: int, n_histories: int = 0) -> list[torch.Tensor]:
+    """Per preference i, its keys [≤ max_keys + n_histories, d] from ``inputs`` [N, d] (rows of preference i
+    where ``owner == i``, ordered question-major: question × context, context 0 = the bare prompt; then
+    ``n_histories`` rows of its question after earlier chat turns, kept as keys of their own)."""
     keys = []
     for i, size in enumerate(cluster_sizes):
-        rows = inputs[owner == i].reshape(size, n_contexts, -1)
+        rows = inputs[owner == i]
+        rows, history = rows[: size * n_contexts].reshape(size, n_contexts, -1), rows[size * n_contexts:]
         own = torch.cat([rows[:, 0], rows.mean(1)]) if n_contexts > 1 else rows[:, 0]
-        keys.append(kmeans(own, max_keys))
+        keys.append(torch.cat([kmeans(own, max_keys), history[:n_histories]]))
     return keys

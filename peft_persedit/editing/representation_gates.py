@@ -64,7 +64,8 @@ def keyed_gates(editor, jobs: list[Job], neutral: Texts, centers: dict[str, list
     out: dict[str, list[ClusterGate]] = {}
     for slot, name in enumerate(modules):
         neg = negatives[slot] if stats is None else torch.cat([negatives[slot], stats[name].samples])
-        keys = cluster_keys(inputs[slot], owner, [len(c) for c in members], len(contexts), config.max_keys_per_cluster)
+        keys = cluster_keys(inputs[slot], owner, [len(c) for c in members], len(contexts), config.max_keys_per_cluster,
+                            len(config.key_histories))
         gates = []
         for i, k in enumerate(keys):
             center = centers[name][i]

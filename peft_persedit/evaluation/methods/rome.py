@@ -1,8 +1,9 @@
 """ROME-per-synonym, the paper's baseline, reproduced with this engine's ungated single-edit mode.
 
 Config ``PersonalizationEditConfig(gate="none", mom2="none", synonyms=0, request_templates=0,
-value_histories=[])``: plain rank-one edits ΔW = δ kᵀ/‖k‖² (no gate, C = I), δ fit on the question alone as the
-paper does (not on persedit's request templates and chat histories). A preference's cluster — its question and
+value_histories=[], key_histories=[])``: plain rank-one edits ΔW = δ kᵀ/‖k‖² (no gate, C = I), δ fit on the
+question alone as the paper does (not on persedit's request templates and chat histories; no keys after chat
+turns). A preference's cluster — its question and
 one rewrite per synonym (the data's cluster, else the synonyms the base model gives, as persedit uses) — is edited
 one question at a time, each as its own ``Preference(subject=synonym, question=synonym question, target)``, in
 sequence: edit j sees edits < j.
@@ -19,7 +20,8 @@ from ...editing.clusters import cluster_members, model_synonyms
 from ...preferences import Preference
 from .method import AdapterMethod, Users
 
-ROME_CONFIG = dict(gate="none", mom2="none", synonyms=0, request_templates=0, value_histories=[])
+ROME_CONFIG = dict(gate="none", mom2="none", synonyms=0, request_templates=0, value_histories=[],
+                   key_histories=[])
 
 
 def synonym_edits(users: Users, synonyms: dict[str, list[str]]) -> dict[str, list[Preference]]:
