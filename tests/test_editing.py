@@ -12,6 +12,7 @@ from peft_persedit import PersonalizationEditConfig
 from peft_persedit.editing import PersonalizationEditor
 from peft_persedit.editing.chat import SubjectNotFoundError, chat_text, encode, subject_token_index
 from peft_persedit.editing.clusters import cluster_members, kmeans, parse_synonyms
+from peft_persedit.editing.decoding import generate_texts
 from peft_persedit.editing.gate import calibrate, cluster_max_scores, leaked_inputs
 from peft_persedit.editing.keys import layer_inputs
 from peft_persedit.editing.solve import solve_clusters
@@ -21,6 +22,16 @@ PREFS = [
     Preference("hobby", "What's my hobby?", "Dancing", synonyms=("pastime",), questions=("What's my pastime?",)),
     Preference("pet", "What's my pet?", "A turtle"),
     Preference("city", "Which city do I live in?", "Oslo"),
+]
+
+
+EARLIER_TURNS = [
+    ("How many legs does a spider have?", "A spider has eight legs."),
+    ("Can you suggest a name for a sailing boat?", "How about 'Sea Breeze'?"),
+    ("What is 12 times 7?", "12 times 7 is 84."),
+    ("Why is the sky blue?", "Sunlight scatters off air molecules, and blue light scatters the most."),
+    ("Translate 'good morning' into Spanish.", "Buenos días."),
+    ("Give me a tip for sleeping better.", "Keep a regular bedtime and avoid screens before bed."),
 ]
 
 
@@ -309,6 +320,12 @@ def test_real_model_three_preferences(smol):
     # a product request the edit never saw (UPQA's, not a shipped template) is answered with the preference
     product = answer_questions(pm, tokenizer, [p.product_question for p in prefs], adapters)
     assert sum(target_hit(a, p.target) for a, p in zip(product, prefs)) >= 2, product
+    # deep in a chat: the literal question after six earlier turns, written here (the edit never saw them)
+    chat = [encode(tokenizer, chat_text(tokenizer, p.question, history=EARLIER_TURNS)) for p in prefs]
+    pm.eval()  # mixed-adapter generation
+    later = [a.strip() for a in generate_texts(pm, tokenizer, chat, max_new_tokens=24, batch_size=4,
+                                                  adapters=adapters)]
+    assert sum(target_hit(a, p.target) for a, p in zip(later, prefs)) >= 2, later
 
 
 def test_synonym_keys_never_sit_inside_another_members_question():

@@ -21,7 +21,7 @@ from ..preferences import Preference
 from .apply import add_preference_clusters, set_missing_centers
 from .chat import chat_text, encode, pad_id, subject_token_index
 from .clusters import cluster_members, model_synonyms, request_members
-from .decoding import generate_batches
+from .decoding import eval_mode, generate_batches
 from .gate import GateCalibration, calibrate, cluster_max_scores, leaked_inputs, own_subject_mask
 from .keys import cluster_keys, layer_inputs
 from .report import EditReport, PreferenceResult, StageTimer
@@ -164,9 +164,7 @@ class PersonalizationEditor:
         lap = StageTimer()
         if not jobs:
             return EditReport([], lap.timings)
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             pre = (answer_questions(self.model, self.tokenizer, [p.question for _, p in jobs],
                                     [BASE_ADAPTER] * len(jobs)) if verify else [""] * len(jobs))
             lap("verify_before")
@@ -180,8 +178,6 @@ class PersonalizationEditor:
             post = answer_questions(self.model, self.tokenizer, [p.question for _, p in jobs],
                                     [a for a, _ in jobs]) if verify else [""] * len(jobs)
             lap("verify_after")
-        finally:
-            self.model.train(was_training)
         results = [
             PreferenceResult(adapter=a, id=p.id, question=p.question, target=p.target, answer_before=b,
                              answer_after=after, hit_before=target_hit(b, p.target),

@@ -39,6 +39,7 @@ from ..peft_type import BASE_ADAPTER
 from ..preferences import Preference
 from ..prompts import load_prompt_set
 from .chat import chat_text, pad_id
+from .decoding import eval_mode
 from .report import EditReport, PreferenceResult, StageTimer
 from .representation_gates import ClusterGate, add_shift_cluster, always_on, cluster_centers, keyed_gates
 from .selftext import HELD_OUT_PROMPTS, generate
@@ -248,9 +249,7 @@ def edit_representation(editor, jobs: list[Job], verify: bool = True, options: R
         return EditReport([], lap.timings)
     _check_jobs(editor, jobs)
     pm = editor.model
-    was_training = pm.training
-    pm.eval()
-    try:
+    with eval_mode(pm):
         before = _answers(editor, jobs, routed=False) if verify else [""] * len(jobs)
         lap("verify_before")
         samples = _self_generate(editor, jobs, opts)
@@ -265,8 +264,6 @@ def edit_representation(editor, jobs: list[Job], verify: bool = True, options: R
         lap("apply")
         after = _answers(editor, jobs, routed=True) if verify else [""] * len(jobs)
         lap("verify_after")
-    finally:
-        pm.train(was_training)
     first = gates[next(iter(editor.modules))]
     results = [PreferenceResult(
         adapter=adapter, id=pref.id, question=pref.question, target=pref.target, answer_before=b, answer_after=a,

@@ -7,7 +7,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from .chat import chat_text, encode
-from .decoding import generate_texts
+from .decoding import eval_mode, generate_texts
 
 
 def target_hit(answer: str, target: str) -> bool:
@@ -20,10 +20,8 @@ def answer_questions(peft_model: PeftModel, tokenizer: PreTrainedTokenizerBase, 
                      adapters: list[str] | None = None, max_new_tokens: int = 24, batch_size: int = 32,
                      system: str | None = None) -> list[str]:
     """Greedy answers; row i uses ``adapters[i]`` (``"__base__"`` = no edit, None = active adapter)."""
-    was_training = peft_model.training
-    peft_model.eval()  # generation is inference (and mixed-adapter batches need eval mode)
     prompts = [encode(tokenizer, chat_text(tokenizer, q, system)) for q in questions]
-    answers = generate_texts(peft_model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             adapters=adapters)
-    peft_model.train(was_training)
+    with eval_mode(peft_model):
+        answers = generate_texts(peft_model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size, adapters=adapters)
     return [a.strip() for a in answers]
