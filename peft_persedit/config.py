@@ -92,6 +92,9 @@ class PersonalizationEditConfig(PeftConfig):
                 "they were (KL), so the rest of an edited answer stays fluent; 0 = off (on the embedded model 8 "
                 "tokens did not make answers less repetitive and lowered multiturn@10: benchmarks/README.md)."})
     continuation_weight: float = field(default=0.5, metadata={"help": "Weight of that continuation KL."})
+    value_rows_per_step: int = field(default=0, metadata={
+        "help": "k > 0: most v* steps use only k of a preference's prompts (its question and k − 1 drawn at random), "
+                "every 5th step and the last all of them; cheaper steps. 0 = every prompt every step."})
     clamp_norm_factor: float = field(default=4.0, metadata={"help": "‖δ‖ ≤ factor · ‖v‖."})
     mom2: Literal["self", "none"] = field(
         default="self", metadata={"help": "Second moment C = E[k kᵀ] from self-generated text, or none."}

@@ -86,6 +86,56 @@ def test_value_chunk_subset_scores_its_rows_as_the_full_chunk_does(tokenizer):
         torch.testing.assert_close(chunk.log_probs(pm), full)  # the full chunk's prefix cache is untouched
 
 
+def _multi_prompt_requests(tokenizer, prompts_per_pref: int = 4):
+    """One request per PREFS entry with its question in ``prompts_per_pref`` context variants and a KL prompt."""
+    from peft_persedit.editing.values import ValueRequest
+
+    requests = []
+    for pref in PREFS:
+        prompts = []
+        for context in ["", "Quick one.", "Hello!", "Be brief.", "Thanks."][:prompts_per_pref]:
+            text = chat_text(tokenizer, f"{context} {pref.question}".strip())
+            prompts.append((encode(tokenizer, text), subject_token_index(tokenizer, text, pref.question, pref.subject)))
+        requests.append(ValueRequest(prompts, encode(tokenizer, pref.target), (encode(tokenizer, "pet is a"), 0)))
+    return requests
+
+
+def test_sampled_value_steps_use_the_question_and_k_minus_1_drawn_prompts(tokenizer):
+    """rows_per_step=k: a sampled step keeps each preference's bare question, k − 1 of its other prompts (drawn
+    afresh) and its KL row."""
+    from peft_persedit.editing.values import _rows, sampled_rows
+
+    rows = _rows(_multi_prompt_requests(tokenizer), kl_weight=0.0625)
+    generator = torch.Generator().manual_seed(0)
+    draws = [sampled_rows(rows, 2, generator) for _ in range(8)]
+    for use in draws:
+        for owner in range(len(PREFS)):
+            mine = [j for j, r in enumerate(rows) if r.owner == owner]
+            targets = [j for j in mine if not rows[j].is_kl]
+            assert use[targets[0]] and sum(bool(use[j]) for j in targets) == 2
+            assert all(use[j] for j in mine if rows[j].is_kl)
+    assert len({tuple(u.tolist()) for u in draws}) > 1  # the other prompt changes from step to step
+    assert sampled_rows(rows, 9, generator).all()
+
+
+def test_sampled_value_steps_equal_full_steps_when_k_covers_every_prompt(tokenizer, monkeypatch):
+    """With k ≥ a preference's prompts, sampled steps are full steps (same loss normalization): same δ. With k = 2
+    only the last (and every full_every-th) step runs every row."""
+    from peft_persedit.editing import values
+
+    pm = tiny_pm()
+    layer = edit_layers(pm)[0]
+    requests = _multi_prompt_requests(tokenizer)
+    common = dict(steps=4, lr=0.5, nll_stop=-1.0, progress=False)  # nll_stop < 0: nobody finishes early
+    every = values.optimize_values(pm, layer, requests, 2, **common).deltas
+    covered = values.optimize_values(pm, layer, requests, 2, rows_per_step=4, **common).deltas
+    torch.testing.assert_close(covered, every)
+    seen, backward = [], values._backward
+    monkeypatch.setattr(values, "_backward", lambda *a, **k: seen.append(a[-1] is None) or backward(*a, **k))
+    sampled = values.optimize_values(pm, layer, requests, 2, rows_per_step=2, full_every=2, **common).deltas
+    assert seen == [False, True, False, True] and sampled.isfinite().all() and not torch.equal(sampled, every)
+
+
 def test_value_rows_after_one_history_share_a_batch_one_cache_and_score_as_own_prefixes(tokenizer):
     """Prompts after the same earlier turns (``ValueRequest.shared``) run on one batch-1 cache of those turns,
     repeated per forward; their log-probs and δ's effect equal those of rows with their own prefix caches."""
@@ -342,12 +392,18 @@ def seen(monkeypatch) -> list:
     """The value requests every ``optimize_values`` call of the editor receives, collected while it runs."""
     from peft_persedit.editing import editor as editor_module
 
-    requests: list = []
+    class Requests(list):
+        spy = None
+
+    requests = Requests()
     optimize = editor_module.optimize_values
 
     def spy(*args, **kwargs):
         requests.extend(args[2])
+        spy.options = kwargs
         return optimize(*args, **kwargs)
+
+    requests.spy = spy  # .spy.options: the keyword arguments of the last call
 
     monkeypatch.setattr(editor_module, "optimize_values", spy)
     return requests
@@ -372,6 +428,12 @@ def test_values_are_also_fit_after_earlier_chat_turns(tokenizer, seen):
         for ids, index in request.prompts:  # the key token is the subject's, in the final question
             assert pref.subject in tokenizer.decode(ids[: index + 1])[-len(pref.subject) - 2:]
     assert edit_layers(pm)[0].num_clusters("default") == 2
+
+
+def test_value_rows_per_step_reaches_the_value_steps(tokenizer, seen):
+    pm = tiny_pm(value_rows_per_step=2, value_histories=[1], request_templates=1)
+    PersonalizationEditor(pm, tokenizer, progress=False).edit(PREFS[1:2], verify=False)
+    assert seen.spy.options["rows_per_step"] == 2 and len(seen[0].prompts) == 3
 
 
 def test_request_templates_add_subject_requests_to_keys_and_values(tokenizer, seen):

@@ -20,6 +20,10 @@ greedy tokens after prompt 0 + y, computed without δ), a further KL row adds
     λ_c · (1/|c|) Σ_j KL(P(·|p, y, c_<j) ‖ P(·|p, y, c_<j; h_s += δ_i))
 
 so that an edit strong enough to hold after many chat turns does not derail the rest of the answer.
+
+With ``rows_per_step`` = k, most steps are stochastic over prompts: each preference's loss is the mean over its
+bare question and k − 1 of its other prompts drawn afresh (step cost ∝ k instead of its number of prompts); every
+``full_every``-th step and the last use every prompt and decide when a preference is finished.
 """
 
 from __future__ import annotations
@@ -264,15 +268,34 @@ def _references(peft_model: nn.Module, hook: _AddDelta, chunks: list[_Chunk], n:
     return norms, kl_reference
 
 
+def sampled_rows(rows: list[_Row], count: int, generator: torch.Generator) -> torch.Tensor:
+    """Rows one sampled step uses [len(rows)]: per preference its first target row (the bare question), ``count``
+    − 1 of its other target rows drawn at random, and all its KL rows."""
+    use = torch.tensor([r.is_kl for r in rows])
+    targets: dict[int, list[int]] = {}
+    for j, r in enumerate(rows):
+        if not r.is_kl:
+            targets.setdefault(r.owner, []).append(j)
+    for first, *others in targets.values():
+        use[first] = True
+        if others and count > 1:
+            use[torch.tensor(others)[torch.randperm(len(others), generator=generator)[: count - 1]]] = True
+    return use
+
+
 def _backward(peft_model: nn.Module, hook: _AddDelta, chunks: list[_Chunk], delta: torch.Tensor, done: torch.Tensor,
-              kl_reference: dict[int, torch.Tensor], per_owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step's gradient of Σ_i (mean NLL_i + λ_KL KL_i + λ_c KL_c,i) over the unfinished preferences' rows; returns
-    (NLL [n], greedy reproduces every target [n])."""
+              kl_reference: dict[int, torch.Tensor], per_owner: torch.Tensor, use: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's gradient of Σ_i (mean NLL_i + λ_KL KL_i + λ_c KL_c,i) over the unfinished preferences' rows (only
+    the rows in ``use``, when given; ``per_owner`` counts each preference's target rows among them); returns
+    (NLL [n], greedy reproduces every target [n]) over those rows."""
     n = delta.shape[0]
     step_nll = torch.zeros(n, device=delta.device)
     step_greedy = torch.ones(n, dtype=torch.bool, device=delta.device)
     for full in chunks:
         active = ~done[full.owner]
+        if use is not None:
+            active &= use[full.index].to(active.device)
         if not bool(active.any()):
             continue
         chunk = full if bool(active.all()) else full.subset(active)  # finished rows cost nothing
@@ -291,9 +314,14 @@ def _backward(peft_model: nn.Module, hook: _AddDelta, chunks: list[_Chunk], delt
 def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[ValueRequest], pad: int, *,
                     steps: int = 25, lr: float = 0.5, kl_weight: float = 0.0625, weight_decay: float = 1e-3,
                     clamp_norm_factor: float = 4.0, nll_stop: float = 0.25, batch_size: int = 32,
-                    progress: bool = True, span: int = 1, continuation_weight: float = 0.0) -> ValueResult:
+                    progress: bool = True, span: int = 1, continuation_weight: float = 0.0,
+                    rows_per_step: int = 0, full_every: int = 5) -> ValueResult:
     """Optimize δ_i for every request jointly (see module docstring). ``module`` = the edit layer; δ_i is
-    added at the first ``span`` tokens from each prompt's index (1: the subject token)."""
+    added at the first ``span`` tokens from each prompt's index (1: the subject token).
+
+    ``rows_per_step`` = k > 0: a step uses, per preference, only k of its prompts (:func:`sampled_rows`: the bare
+    question and k − 1 drawn at random; stochastic gradient over prompts), except every ``full_every``-th step
+    and the last, which use all of them and alone decide when a preference is finished."""
     device = next(peft_model.parameters()).device
     rows = _rows(requests, kl_weight, continuation_weight)
     n = len(requests)
@@ -308,15 +336,20 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
         optimizer = torch.optim.Adam([delta], lr=lr)
         done = torch.zeros(n, dtype=torch.bool, device=device)
         nll = torch.full((n,), float("inf"), device=device)
-        per_owner = torch.bincount(torch.tensor([r.owner for r in rows if not r.is_kl]), minlength=n)
-        per_owner = per_owner.clamp(min=1).float().to(device)
-        for _ in tqdm(range(steps), desc="values δ*", disable=not progress, leave=False):
+        generator = torch.Generator().manual_seed(0)
+        for step in tqdm(range(steps), desc="values δ*", disable=not progress, leave=False):
             optimizer.zero_grad()
-            step_nll, step_greedy = _backward(peft_model, hook, chunks, delta, done, kl_reference, per_owner)
+            full = not rows_per_step or step % full_every == full_every - 1 or step == steps - 1
+            use = None if full else sampled_rows(rows, rows_per_step, generator)
+            counted = [r.owner for j, r in enumerate(rows) if not r.is_kl and (use is None or use[j])]
+            per_owner = torch.bincount(torch.tensor(counted, dtype=torch.long), minlength=n)
+            per_owner = per_owner.clamp(min=1).float().to(device)
+            step_nll, step_greedy = _backward(peft_model, hook, chunks, delta, done, kl_reference, per_owner, use)
             decay = weight_decay * delta.pow(2).sum(-1) / norms.pow(2).clamp(min=1e-8)
             decay.sum().backward()
-            nll = torch.where(done, nll, step_nll)
-            done |= (nll < nll_stop) & step_greedy
+            if full:  # only a step over every prompt can finish a preference
+                nll = torch.where(done, nll, step_nll)
+                done |= (nll < nll_stop) & step_greedy
             if bool(done.all()):
                 break
             before = delta.detach().clone()
