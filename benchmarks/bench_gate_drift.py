@@ -53,5 +53,6 @@ def main() -> None:
         print(f"{turns:>3} turns: gate fires for {sum(m >= 0 for m in margins)}/{len(margins)} users; "
               f"margin s − τ lowest {margins[0]:+.3f}, median {margins[len(margins) // 2]:+.3f}")
 
+
 if __name__ == "__main__":
     main()

@@ -268,14 +268,20 @@ def _references(peft_model: nn.Module, hook: _AddDelta, chunks: list[_Chunk], n:
     return norms, kl_reference
 
 
-def sampled_rows(rows: list[_Row], count: int, generator: torch.Generator) -> torch.Tensor:
-    """Rows one sampled step uses [len(rows)]: per preference its first target row (the bare question), ``count``
-    − 1 of its other target rows drawn at random, and all its KL rows."""
-    use = torch.tensor([r.is_kl for r in rows])
+def target_rows(rows: list[_Row]) -> dict[int, list[int]]:
+    """Per preference (owner), the indices of its target rows in ``rows``, prompt order (the bare question first)."""
     targets: dict[int, list[int]] = {}
     for j, r in enumerate(rows):
         if not r.is_kl:
             targets.setdefault(r.owner, []).append(j)
+    return targets
+
+
+def sampled_rows(rows: list[_Row], targets: dict[int, list[int]], count: int, generator: torch.Generator
+                 ) -> torch.Tensor:
+    """Rows one sampled step uses [len(rows)]: per preference its first target row (the bare question), ``count``
+    − 1 of its other target rows (``targets``, :func:`target_rows`) drawn at random, and all its KL rows."""
+    use = torch.tensor([r.is_kl for r in rows])
     for first, *others in targets.values():
         use[first] = True
         if others and count > 1:
@@ -336,14 +342,15 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
         optimizer = torch.optim.Adam([delta], lr=lr)
         done = torch.zeros(n, dtype=torch.bool, device=device)
         nll = torch.full((n,), float("inf"), device=device)
+        targets = target_rows(rows)
+        every = torch.tensor([len(targets.get(i, ())) for i in range(n)], device=device).clamp(min=1).float()
+        sampled = every.clamp(max=max(rows_per_step, 1))  # target rows per preference in a sampled step
         generator = torch.Generator().manual_seed(0)
         for step in tqdm(range(steps), desc="values δ*", disable=not progress, leave=False):
             optimizer.zero_grad()
             full = not rows_per_step or step % full_every == full_every - 1 or step == steps - 1
-            use = None if full else sampled_rows(rows, rows_per_step, generator)
-            counted = [r.owner for j, r in enumerate(rows) if not r.is_kl and (use is None or use[j])]
-            per_owner = torch.bincount(torch.tensor(counted, dtype=torch.long), minlength=n)
-            per_owner = per_owner.clamp(min=1).float().to(device)
+            use = None if full else sampled_rows(rows, targets, rows_per_step, generator)
+            per_owner = every if full else sampled
             step_nll, step_greedy = _backward(peft_model, hook, chunks, delta, done, kl_reference, per_owner, use)
             decay = weight_decay * delta.pow(2).sum(-1) / norms.pow(2).clamp(min=1e-8)
             decay.sum().backward()
