@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
+from tiny_models import make_tiny_model
 
-from peft_persedit import PersEditLinear
+from peft_persedit import PersEditLinear, PersonalizationEditConfig
+from peft_persedit.preferences import Preference
 
 #: two rows of 7 token ids (tiny models have a vocabulary of 256)
 IDS = torch.tensor([[5, 17, 99, 42, 7, 81, 23], [9, 44, 3, 120, 66, 12, 200]])
@@ -65,3 +67,18 @@ def threshold_between(cos: torch.Tensor, min_above: int = 2, gap: float = 1e-3) 
         if values[i] - values[i + 1] > gap:
             return float((values[i] + values[i + 1]) / 2)
     raise AssertionError(f"no gap in the cosines {values.tolist()}")
+
+
+#: preferences the editing tests edit into tiny models
+PREFS = [
+    Preference("hobby", "What's my hobby?", "Dancing", synonyms=("pastime",), questions=("What's my pastime?",)),
+    Preference("pet", "What's my pet?", "A turtle"),
+    Preference("city", "Which city do I live in?", "Oslo"),
+]
+
+
+def tiny_pm(**config) -> PeftModel:
+    """A tiny llama with a PERSEDIT adapter (layer 1, no synonyms, one context, 3 value steps, C = I) in eval mode."""
+    cfg = dict(layers_to_transform=[1], synonyms=0, contexts=1, value_steps=3, mom2="none")
+    cfg.update(config)
+    return get_peft_model(make_tiny_model("llama"), PersonalizationEditConfig(**cfg)).eval()

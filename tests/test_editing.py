@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import edit_layers
+from helpers import PREFS, edit_layers, tiny_pm
 from peft import get_peft_model
 from tiny_models import make_tiny_model
 
@@ -18,13 +18,6 @@ from peft_persedit.editing.keys import layer_inputs
 from peft_persedit.editing.solve import solve_clusters
 from peft_persedit.preferences import Preference
 
-PREFS = [
-    Preference("hobby", "What's my hobby?", "Dancing", synonyms=("pastime",), questions=("What's my pastime?",)),
-    Preference("pet", "What's my pet?", "A turtle"),
-    Preference("city", "Which city do I live in?", "Oslo"),
-]
-
-
 EARLIER_TURNS = [
     ("How many legs does a spider have?", "A spider has eight legs."),
     ("Can you suggest a name for a sailing boat?", "How about 'Sea Breeze'?"),
@@ -33,12 +26,6 @@ EARLIER_TURNS = [
     ("Translate 'good morning' into Spanish.", "Buenos días."),
     ("Give me a tip for sleeping better.", "Keep a regular bedtime and avoid screens before bed."),
 ]
-
-
-def tiny_pm(**config):
-    cfg = dict(layers_to_transform=[1], synonyms=0, contexts=1, value_steps=3, mom2="none")
-    cfg.update(config)
-    return get_peft_model(make_tiny_model("llama"), PersonalizationEditConfig(**cfg)).eval()
 
 
 def test_key_token_is_the_subjects_last_token(tokenizer):
@@ -63,172 +50,6 @@ def test_layer_inputs_match_a_forward_hook(tokenizer):
     assert torch.allclose(got[0], seen[0][4], atol=1e-6)
     every = layer_inputs(pm, [layer], seqs, pad=2)[0]
     assert every.shape[0] == sum(len(s) for s in seqs)
-
-
-def test_value_chunk_subset_scores_its_rows_as_the_full_chunk_does(tokenizer):
-    from peft_persedit.editing.values import ValueRequest, _Chunk, _rows
-
-    pm = tiny_pm()
-    requests = []
-    for pref in PREFS:
-        text = chat_text(tokenizer, pref.question)
-        prompt = (encode(tokenizer, text), subject_token_index(tokenizer, text, pref.question, pref.subject))
-        requests.append(ValueRequest([prompt], encode(tokenizer, pref.target), (encode(tokenizer, "pet is a"), 0)))
-    rows = _rows(requests, kl_weight=0.0625)
-    chunk = _Chunk(pm, rows, list(range(len(rows))), 2, None, torch.device("cpu"))
-    with torch.no_grad():
-        full = chunk.log_probs(pm)
-        keep = torch.tensor([r.owner != 1 for r in chunk.rows])
-        part = chunk.subset(keep)
-        kept_positions = keep[chunk.flat_rows]
-        assert [r.owner for r in part.rows] == [0, 0, 2, 2] and part.cache is not chunk.cache
-        torch.testing.assert_close(part.log_probs(pm), full[kept_positions], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(chunk.log_probs(pm), full)  # the full chunk's prefix cache is untouched
-
-
-def _multi_prompt_requests(tokenizer, prompts_per_pref: int = 4):
-    """One request per PREFS entry with its question in ``prompts_per_pref`` context variants and a KL prompt."""
-    from peft_persedit.editing.values import ValueRequest
-
-    requests = []
-    for pref in PREFS:
-        prompts = []
-        for context in ["", "Quick one.", "Hello!", "Be brief.", "Thanks."][:prompts_per_pref]:
-            text = chat_text(tokenizer, f"{context} {pref.question}".strip())
-            prompts.append((encode(tokenizer, text), subject_token_index(tokenizer, text, pref.question, pref.subject)))
-        requests.append(ValueRequest(prompts, encode(tokenizer, pref.target), (encode(tokenizer, "pet is a"), 0)))
-    return requests
-
-
-def test_sampled_value_steps_use_the_question_and_k_minus_1_drawn_prompts(tokenizer):
-    """rows_per_step=k: a sampled step keeps each preference's bare question, k − 1 of its other prompts (drawn
-    afresh) and its KL row."""
-    from peft_persedit.editing.values import _rows, sampled_rows
-
-    rows = _rows(_multi_prompt_requests(tokenizer), kl_weight=0.0625)
-    generator = torch.Generator().manual_seed(0)
-    draws = [sampled_rows(rows, 2, generator) for _ in range(8)]
-    for use in draws:
-        for owner in range(len(PREFS)):
-            mine = [j for j, r in enumerate(rows) if r.owner == owner]
-            targets = [j for j in mine if not rows[j].is_kl]
-            assert use[targets[0]] and sum(bool(use[j]) for j in targets) == 2
-            assert all(use[j] for j in mine if rows[j].is_kl)
-    assert len({tuple(u.tolist()) for u in draws}) > 1  # the other prompt changes from step to step
-    assert sampled_rows(rows, 9, generator).all()
-
-
-def test_sampled_value_steps_equal_full_steps_when_k_covers_every_prompt(tokenizer, monkeypatch):
-    """With k ≥ a preference's prompts, sampled steps are full steps (same loss normalization): same δ. With k = 2
-    only the last (and every full_every-th) step runs every row."""
-    from peft_persedit.editing import values
-
-    pm = tiny_pm()
-    layer = edit_layers(pm)[0]
-    requests = _multi_prompt_requests(tokenizer)
-    common = dict(steps=4, lr=0.5, nll_stop=-1.0, progress=False)  # nll_stop < 0: nobody finishes early
-    every = values.optimize_values(pm, layer, requests, 2, **common).deltas
-    covered = values.optimize_values(pm, layer, requests, 2, rows_per_step=4, **common).deltas
-    torch.testing.assert_close(covered, every)
-    seen, backward = [], values._backward
-    monkeypatch.setattr(values, "_backward", lambda *a, **k: seen.append(a[-1] is None) or backward(*a, **k))
-    sampled = values.optimize_values(pm, layer, requests, 2, rows_per_step=2, full_every=2, **common).deltas
-    assert seen == [False, True, False, True] and sampled.isfinite().all() and not torch.equal(sampled, every)
-
-
-def test_value_rows_after_one_history_share_a_batch_one_cache_and_score_as_own_prefixes(tokenizer):
-    """Prompts after the same earlier turns (``ValueRequest.shared``) run on one batch-1 cache of those turns,
-    repeated per forward; their log-probs and δ's effect equal those of rows with their own prefix caches."""
-    from peft_persedit.editing.values import ValueRequest, _AddDelta, _Chunk, _make_chunks, _rows
-
-    pm = tiny_pm()
-    history = [("Tell me a fact.", "Water boils at 100 degrees."), ("And another?", "The sky is blue.")]
-    split = encode(tokenizer, chat_text(tokenizer, "x", history=history))
-    requests = []
-    for pref in PREFS:
-        text = chat_text(tokenizer, pref.question, history=history)
-        ids = encode(tokenizer, text)
-        shared = next(i for i, (a, b) in enumerate(zip(ids, split)) if a != b)
-        prompt = (ids, subject_token_index(tokenizer, text, pref.question, pref.subject))
-        requests.append(ValueRequest([prompt], encode(tokenizer, pref.target), None, None, [shared]))
-    rows = _rows(requests)
-    assert all(r.shared and r.at > 0 and r.prefix == rows[0].prefix for r in rows)
-    chunks = _make_chunks(pm, requests, rows, 2, 32, torch.device("cpu"))
-    assert len(chunks) == 1 and chunks[0].shared and chunks[0].cache.get_seq_length() == len(rows[0].prefix)
-    own = _rows([ValueRequest(r.prompts, r.target_ids) for r in requests])  # prefix = all before the subject
-    reference = _Chunk(pm, own, list(range(len(own))), 2, None, torch.device("cpu"))
-    hook = _AddDelta()
-    layer = edit_layers(pm)[0]
-    handle = layer.register_forward_hook(hook)
-    try:
-        delta = torch.randn(len(PREFS), layer.out_features)
-        results = []
-        for chunk in (chunks[0], reference):
-            hook.delta, hook.owner, hook.at = None, chunk.owner, chunk.at
-            with torch.no_grad():
-                plain = chunk.log_probs(pm)
-                hook.delta = delta
-                edited = chunk.log_probs(pm)
-            order = torch.argsort(chunk.owner)  # rows of both chunks by owner (flat positions: one row at a time)
-            results.append([torch.cat([x[chunk.flat_rows == j] for j in order.tolist()]) for x in (plain, edited)])
-        for got, expected in zip(*results):
-            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-        assert not torch.allclose(results[0][0], results[0][1])  # δ at the subject token changes the target's odds
-    finally:
-        handle.remove()
-
-
-def test_continuation_kl_keeps_what_the_model_says_after_the_target(tokenizer):
-    """A request's ``continuation`` becomes a KL row over the positions after prompt 0 + target (the last target
-    token predicts c_1); weighting it leaves the edited continuation closer to the unedited one, and the
-    editor (``continuation_tokens`` > 0) fills it with the adapter's own greedy tokens."""
-    from peft_persedit.editing.values import ValueRequest, _AddDelta, _Chunk, _rows, optimize_values
-
-    pm = tiny_pm()
-    layer = edit_layers(pm)[0]
-    with torch.no_grad():  # a random tiny model answers near-uniformly: sharpen it so δ visibly moves P
-        for weight in pm.get_base_model().parameters():
-            if weight.dim() == 2:
-                weight.mul_(10)
-    pref = PREFS[1]
-    text = chat_text(tokenizer, pref.question)
-    prompt = (encode(tokenizer, text), subject_token_index(tokenizer, text, pref.question, pref.subject))
-    target, continuation = encode(tokenizer, pref.target), encode(tokenizer, " It is very calm.")
-    request = ValueRequest([prompt], target, continuation=continuation)
-    rows = _rows([request], continuation_weight=2.0)
-    assert [r.is_kl for r in rows] == [False, True] and rows[1].weight == 2.0
-    kl_row = rows[1]
-    assert kl_row.suffix[-len(continuation):] == continuation and len(kl_row.loss_pos) == len(continuation)
-    assert kl_row.suffix[kl_row.loss_pos[0]] == target[-1] and kl_row.suffix[kl_row.loss_pos[0] + 1] == continuation[0]
-
-    def continuation_kl(delta: torch.Tensor) -> float:
-        chunk = _Chunk(pm, [kl_row], [0], 2, None, torch.device("cpu"))
-        hook = _AddDelta()
-        handle = layer.register_forward_hook(hook)
-        try:
-            hook.owner, hook.at = chunk.owner, chunk.at
-            with torch.no_grad():
-                plain = chunk.log_probs(pm)
-                hook.delta = delta
-                edited = chunk.log_probs(pm)
-        finally:
-            handle.remove()
-        return float((plain.exp() * (plain - edited)).sum(-1).mean())
-
-    kls = []
-    for weight in (0.0, 20.0):
-        torch.manual_seed(0)
-        result = optimize_values(pm, layer, [request], 2, steps=8, lr=1.0, kl_weight=0.0, nll_stop=0.0,
-                                 clamp_norm_factor=1e3, progress=False, continuation_weight=weight)
-        kls.append(continuation_kl(result.deltas))
-    assert kls[1] < 0.2 * kls[0]
-
-    seen_requests = []
-    editor = PersonalizationEditor(tiny_pm(continuation_tokens=4), tokenizer, progress=False)
-    original = editor._continuations
-    editor._continuations = lambda requests, tokens: (original(requests, tokens), seen_requests.extend(requests))
-    editor.edit(PREFS[1:2], verify=False)
-    assert seen_requests and 0 < len(seen_requests[0].continuation) <= editor.config.continuation_tokens
 
 
 def test_solve_maps_every_key_to_its_residual():
