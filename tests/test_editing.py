@@ -52,6 +52,29 @@ def test_layer_inputs_match_a_forward_hook(tokenizer):
     assert every.shape[0] == sum(len(s) for s in seqs)
 
 
+def test_layer_inputs_on_a_shared_prefix_cache_match_full_forwards(tokenizer):
+    """Sequences that share leading tokens (a system turn, earlier chat turns) run on one cache of them: the inputs
+    read are those of full forwards, in the order given, whatever the grouping and batching."""
+    pm = tiny_pm(layers_to_transform=[0, 1])
+    layers = edit_layers(pm)
+    history = [("Hi there", "Hello! How can I help?"), ("Name a color.", "Blue.")]
+    texts = [chat_text(tokenizer, q, history=history if i % 2 else ()) for i, q in
+             enumerate(["What's my pet?", "What's my job?", "Where do I live?", "Any tips for my car?", "Hi"])]
+    seqs = [encode(tokenizer, t) for t in texts]
+    positions = [len(s) - 2 for s in seqs]
+    lead = [len(encode(tokenizer, chat_text(tokenizer, "a", history=history if i % 2 else ()))) - 4
+            for i in range(len(seqs))]
+    plain = layer_inputs(pm, layers, seqs, 2, positions)
+    for batch_size in (2, 32):
+        cached = layer_inputs(pm, layers, seqs, 2, positions, batch_size=batch_size, shared=lead)
+        for a, b in zip(plain, cached):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+    capped = layer_inputs(pm, layers, seqs, 2, [3] * len(seqs), shared=lead)  # a key token inside the prefix
+    assert torch.allclose(capped[0], layer_inputs(pm, layers, seqs, 2, [3] * len(seqs))[0], atol=1e-5)
+    with pytest.raises(ValueError, match="need positions"):
+        layer_inputs(pm, layers, seqs, 2, shared=lead)
+
+
 def test_solve_maps_every_key_to_its_residual():
     torch.manual_seed(0)
     keys = [torch.randn(3, 64), torch.randn(1, 64), torch.randn(5, 64)]
@@ -289,7 +312,7 @@ def test_clusters_are_also_keyed_after_earlier_chat_turns(tokenizer):
     editor = PersonalizationEditor(pm, tokenizer, progress=False)
     jobs = [("default", p) for p in PREFS[1:]]
     members, contexts = editor.members(jobs), editor.key_contexts()
-    prompts, owner = editor.key_prompts(jobs, members, contexts)
+    prompts, owner, shared = editor.key_prompts(jobs, members, contexts)
     plain = sum(len(c) for c in members) * len(contexts)
     assert len(prompts) == plain + 2 * len(jobs) and owner[plain:].tolist() == [0, 0, 1, 1]
     histories = editor.chat_histories([1, 3], seed=7)

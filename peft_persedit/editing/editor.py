@@ -23,7 +23,7 @@ from .chat import chat_text, encode, pad_id, subject_token_index
 from .clusters import cluster_members, model_synonyms, request_members
 from .decoding import eval_mode, generate_batches
 from .gate import GateCalibration, calibrate, cluster_max_scores, leaked_inputs, own_subject_mask
-from .keys import cluster_keys, layer_inputs
+from .keys import KeyPrompts, cluster_keys, layer_inputs
 from .report import EditReport, PreferenceResult, StageTimer
 from .selftext import chat_turns, context_prefixes
 from .solve import solve_clusters
@@ -229,22 +229,26 @@ class PersonalizationEditor:
         index = subject_token_index(self.tokenizer, text, question, subject, self.config.key_token, name)
         return encode(self.tokenizer, text), index
 
-    def key_prompts(self, jobs: list[Job], members: list[list[tuple[str, str]]], contexts: list[str]
-                    ) -> tuple[list[tuple[list[int], int]], torch.Tensor]:
+    def key_prompts(self, jobs: list[Job], members: list[list[tuple[str, str]]], contexts: list[str]) -> KeyPrompts:
         """Every job's key prompts, job × question × context in order, then job × ``key_histories`` (its own
-        question after that many earlier chat turns), and the job each belongs to."""
-        prompts, owner = [], []
+        question after that many earlier chat turns), the job each belongs to and the leading tokens it shares with
+        the others (the system turn; and the earlier turns)."""
+        prompts, owner, shared = [], [], []
+        lead = self._history_tokens(())
         for i, ((_, pref), cluster) in enumerate(zip(jobs, members)):
             for q, s in cluster:
                 for ctx in contexts:
                     prompts.append(self.key_prompt(q, s, ctx, pref.id))
                     owner.append(i)
+                    shared.append(lead)
         histories = self.chat_histories(self.config.key_histories, seed=7)
+        leads = [self._history_tokens(history) for history in histories]
         for i, ((_, pref), cluster) in enumerate(zip(jobs, members)):
-            for history in histories:
+            for history, lead in zip(histories, leads):
                 prompts.append(self.key_prompt(*cluster[0], "", pref.id, history))
                 owner.append(i)
-        return prompts, torch.tensor(owner, dtype=torch.long)
+                shared.append(lead)
+        return KeyPrompts(prompts, torch.tensor(owner, dtype=torch.long), shared)
 
     def chat_histories(self, counts: Sequence[int], seed: int = 0) -> list[list[tuple[str, str]]]:
         """One chat history per entry of ``counts``: that many earlier turns (neutral prompts and the base
@@ -361,12 +365,12 @@ class PersonalizationEditor:
         through, each layer δ_i / L) → apply. Returns the last layer's τ and false-fire rate per job."""
         pad, share = pad_id(self.tokenizer), 1.0 / len(self.modules)
         adapters = [a for a, _ in jobs]
-        prompts, owner = self.key_prompts(jobs, members, contexts)
+        prompts, owner, shared = self.key_prompts(jobs, members, contexts)
         negatives = self._negatives(jobs, members)
         taus, fires = [0.0] * len(jobs), [0.0] * len(jobs)
         for name, module in self.modules.items():
             x = layer_inputs(self.model, [module], [p[0] for p in prompts], pad, [p[1] for p in prompts],
-                             desc=f"keys {name}" if self.progress else None)[0]
+                             desc=f"keys {name}" if self.progress else None, shared=shared)[0]
             answers = layer_inputs(self.model, [module], negatives.answered, pad)[0]
             keys = cluster_keys(x, owner, [len(c) for c in members], len(contexts), self.config.max_keys_per_cluster,
                                 len(self.config.key_histories))

@@ -13,13 +13,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from .chat import pad_batch
 from .clusters import kmeans
+from .prefix_cache import cache_argument, decoder_of, repeated
+
+
+class KeyPrompts(NamedTuple):
+    """Token ids and key index of every key prompt, the preference each belongs to, and how many leading tokens
+    each shares with the others (a cached prefix for :func:`layer_inputs`)."""
+
+    prompts: list[tuple[list[int], int]]
+    owner: torch.Tensor
+    shared: list[int]
 
 
 class _StopForward(Exception):
@@ -58,13 +70,21 @@ def captured_inputs(modules: Sequence[nn.Module], select: Callable[[torch.Tensor
 
 @torch.no_grad()
 def layer_inputs(model: nn.Module, modules: Sequence[nn.Module], sequences: list[list[int]], pad: int,
-                 positions: list[int] | None = None, batch_size: int = 32, desc: str | None = None
-                 ) -> list[torch.Tensor]:
+                 positions: list[int] | None = None, batch_size: int = 32, desc: str | None = None,
+                 shared: Sequence[int] | None = None) -> list[torch.Tensor]:
     """Inputs of each module in ``modules`` for token ``positions[i]`` of ``sequences[i]`` ([N, d_in] each).
 
     ``positions=None`` returns every (non-pad) token of every sequence instead. The forward pass stops
-    after the last module (layers above it are never run).
+    after the last module (layers above it are never run). ``shared[i]`` = how many leading tokens sequence i
+    shares with others (the chat template's system turn, earlier chat turns; capped at ``positions[i]``): sequences
+    with the same leading tokens run on one cache of them (:mod:`.prefix_cache`), computed once.
     """
+    if shared is not None and positions is None:
+        raise ValueError("shared prefixes need positions: the inputs of a cached prefix's tokens are not read")
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, sequence in enumerate(sequences):
+        cut = min(shared[i], positions[i]) if shared is not None and positions is not None else 0
+        groups.setdefault(tuple(sequence[:cut]), []).append(i)
     state: dict[str, torch.Tensor] = {}
 
     def select(x: torch.Tensor) -> torch.Tensor:
@@ -73,15 +93,40 @@ def layer_inputs(model: nn.Module, modules: Sequence[nn.Module], sequences: list
         return x[torch.arange(x.shape[0]), state["pos"]].float()
 
     device = next(model.parameters()).device
+    batches = [(prefix, members[start:start + batch_size]) for prefix, members in groups.items()
+               for start in range(0, len(members), batch_size)]
+    caches = {prefix: _prefix_cache(model, modules, list(prefix), device) for prefix in groups if prefix}
+    decoder = decoder_of(model)
+    order: list[int] = []
     with captured_inputs(modules, select) as (outputs, run):
-        for start in tqdm(range(0, len(sequences), batch_size), desc=desc, disable=desc is None, leave=False):
-            ids, mask = pad_batch(sequences[start:start + batch_size], pad)
+        for prefix, batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
+            order += batch
+            cut = len(prefix)
+            ids, mask = pad_batch([sequences[i][cut:] for i in batch], pad)
             state["mask"] = mask.bool().to(device)
             if positions is not None:
-                state["pos"] = torch.tensor(positions[start:start + batch_size], device=device)
-            run(model, input_ids=ids.to(device), attention_mask=mask.to(device))
+                state["pos"] = torch.tensor([positions[i] - cut for i in batch], device=device)
+            if not cut:
+                run(model, input_ids=ids.to(device), attention_mask=mask.to(device))
+                continue
+            mask = torch.cat([torch.ones(len(batch), cut, dtype=mask.dtype), mask], dim=1)
+            run(decoder, input_ids=ids.to(device), attention_mask=mask.to(device),
+                position_ids=torch.arange(cut, cut + ids.shape[1], device=device).expand(len(batch), -1),
+                use_cache=True, **{cache_argument(type(decoder)): repeated(caches[prefix], len(batch))})
     d_in = [getattr(m, "in_features", 0) for m in modules]
-    return [torch.cat(o) if o else torch.zeros(0, d) for o, d in zip(outputs, d_in)]
+    inverse = torch.argsort(torch.tensor(order)) if positions is not None else None
+    return [(torch.cat(o)[inverse] if inverse is not None else torch.cat(o)) if o else torch.zeros(0, d)
+            for o, d in zip(outputs, d_in)]
+
+
+def _prefix_cache(model: nn.Module, modules: Sequence[nn.Module], prefix: list[int], device: torch.device):
+    """The key/value cache of ``prefix`` (batch 1) up to the last of ``modules``' layers."""
+    decoder = decoder_of(model)
+    cache = DynamicCache()
+    with captured_inputs(modules, lambda x: x[:0]) as (_, run):
+        run(decoder, input_ids=torch.tensor([prefix], device=device), use_cache=True,
+            **{cache_argument(type(decoder)): cache})
+    return cache
 
 
 def cluster_keys(inputs: torch.Tensor, owner: torch.Tensor, cluster_sizes: list[int], n_contexts: int,

@@ -56,10 +56,11 @@ def keyed_gates(editor, jobs: list[Job], neutral: Texts, centers: dict[str, list
     pm, config, modules = editor.model, editor.config, editor.modules
     members = editor.members(jobs)
     contexts = editor.key_contexts()
-    prompts, owner = editor.key_prompts(jobs, members, contexts)
+    prompts, owner, shared = editor.key_prompts(jobs, members, contexts)
     pad = pad_id(editor.tokenizer)
     with pm.disable_adapter():
-        inputs = layer_inputs(pm, list(modules.values()), [ids for ids, _ in prompts], pad, [i for _, i in prompts])
+        inputs = layer_inputs(pm, list(modules.values()), [ids for ids, _ in prompts], pad, [i for _, i in prompts],
+                              shared=shared)
         negatives = layer_inputs(pm, list(modules.values()), neutral.sequences, pad)
     out: dict[str, list[ClusterGate]] = {}
     for slot, name in enumerate(modules):

@@ -29,8 +29,6 @@ bare question and k − 1 of its other prompts drawn afresh (step cost ∝ k ins
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ..peft_type import BASE_ADAPTER
 from .chat import pad_batch
+from .prefix_cache import cache_argument, decoder_of, repeated
 
 
 @dataclass
@@ -135,11 +134,11 @@ class _Chunk:
         self.cache = None
         if self.prefix_len:
             rows_in = 1 if self.shared else len(self.rows)
-            decoder = _decoder(model)
+            decoder = decoder_of(model)
             with torch.no_grad(), _routing(model, adapters[:rows_in] if adapters else None):
                 out = decoder(input_ids=prefix_ids.to(device), attention_mask=self.mask[:rows_in, : self.prefix_len],
                               position_ids=self.prefix_positions[:rows_in], use_cache=True)
-            self.cache = getattr(out, _cache_name(type(decoder)))
+            self.cache = getattr(out, cache_argument(type(decoder)))
 
     def subset(self, keep: torch.Tensor) -> _Chunk:
         """The same chunk restricted to the rows where ``keep`` [rows] is True (prefix cache rows selected)."""
@@ -160,13 +159,12 @@ class _Chunk:
 
     def log_probs(self, model: nn.Module) -> torch.Tensor:
         """log P at the scored positions, running only the suffix on top of the cached prefix."""
-        cache = copy.deepcopy(self.cache)  # the forward appends the suffix to it; keep the prefix pristine
-        if cache is not None and self.shared:
-            cache.batch_repeat_interleave(len(self.rows))
-        decoder = _decoder(model)
+        # the forward appends the suffix to the cache; keep the prefix pristine
+        cache = None if self.cache is None else repeated(self.cache, len(self.rows) if self.shared else 1)
+        decoder = decoder_of(model)
         with _routing(model, self.adapters):
             hidden = decoder(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions,
-                             use_cache=cache is not None, **{_cache_name(type(decoder)): cache}).last_hidden_state
+                             use_cache=cache is not None, **{cache_argument(type(decoder)): cache}).last_hidden_state
         head = model.get_base_model().get_output_embeddings()
         return torch.log_softmax(head(hidden[self.flat_rows, self.flat_pos]).float(), dim=-1)
 
@@ -187,17 +185,6 @@ class _Chunk:
                 greedy.append((logp[span].argmax(-1) == labels).all())
             offset += count
         return torch.stack(out), torch.stack(greedy)
-
-
-def _decoder(model: nn.Module) -> nn.Module:
-    return model.get_base_model().base_model
-
-
-@functools.cache
-def _cache_name(decoder_class: type[nn.Module]) -> str:
-    """The decoder class's key/value-cache argument and output field: ``cache`` (transformers ≥ 5.x renamed it) or
-    ``past_key_values``; read once per class (it is asked on every forward of the value steps)."""
-    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
 
 
 def _routing(model: nn.Module, adapters: list[str] | None):

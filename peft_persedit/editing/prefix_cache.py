@@ -1,0 +1,33 @@
+"""Shared prefixes: the key/value cache of tokens many rows start with (the chat template's system turn, earlier
+chat turns), computed once at batch size 1 and repeated per batch, so that only each row's own suffix is run."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+from typing import Any
+
+from torch import nn
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The decoder stack (no LM head) of a causal LM, or of the one a :class:`~peft.PeftModel` wraps."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal_lm.base_model
+
+
+@functools.cache
+def cache_argument(decoder_class: type[nn.Module]) -> str:
+    """The decoder class's key/value-cache argument and output field: ``cache`` (transformers ≥ 5.x renamed it) or
+    ``past_key_values``; read once per class (it is asked on every forward of the value steps)."""
+    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
+
+
+def repeated(cache: Any, rows: int) -> Any:
+    """A copy of the batch-1 ``cache`` with its row repeated ``rows`` times (a forward appends to the cache it is
+    given; the original stays the bare prefix)."""
+    cache = copy.deepcopy(cache)
+    if rows > 1:
+        cache.batch_repeat_interleave(rows)
+    return cache
