@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import PREFS, edit_layers, tiny_pm
 from peft import get_peft_model
-from tiny_models import make_tiny_model
+from tiny_models import TINY_ARCHS, make_tiny_model
 
 from peft_persedit import PersonalizationEditConfig
 from peft_persedit.editing import PersonalizationEditor
@@ -52,15 +52,17 @@ def test_layer_inputs_match_a_forward_hook(tokenizer):
     assert every.shape[0] == sum(len(s) for s in seqs)
 
 
-def test_layer_inputs_on_a_shared_prefix_cache_match_full_forwards(tokenizer):
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_layer_inputs_on_a_shared_prefix_cache_match_full_forwards(tokenizer, arch):
     """Sequences that share leading tokens (a system turn, earlier chat turns) run on one cache of them: the inputs
-    read are those of full forwards, in the order given, whatever the grouping and batching."""
-    pm = tiny_pm(layers_to_transform=[0, 1])
+    read are those of full forwards, in the order given, whatever the grouping and batching (every architecture)."""
+    pm = get_peft_model(make_tiny_model(arch), PersonalizationEditConfig(layers_to_transform=[0, 1])).eval()
     layers = edit_layers(pm)
-    history = [("Hi there", "Hello! How can I help?"), ("Name a color.", "Blue.")]
+    history = [("Hi", "Hello!"), ("A color?", "Blue.")]
     texts = [chat_text(tokenizer, q, history=history if i % 2 else ()) for i, q in
-             enumerate(["What's my pet?", "What's my job?", "Where do I live?", "Any tips for my car?", "Hi"])]
+             enumerate(["My pet?", "My job?", "Where do I live?", "My car?", "Hi"])]
     seqs = [encode(tokenizer, t) for t in texts]
+    assert max(len(s) for s in seqs) <= 128  # gpt2 and gptj learn 128 positions
     positions = [len(s) - 2 for s in seqs]
     lead = [len(encode(tokenizer, chat_text(tokenizer, "a", history=history if i % 2 else ()))) - 4
             for i in range(len(seqs))]

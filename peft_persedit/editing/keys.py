@@ -119,7 +119,8 @@ def layer_inputs(model: nn.Module, modules: Sequence[nn.Module], sequences: list
             for o, d in zip(outputs, d_in)]
 
 
-def _prefix_cache(model: nn.Module, modules: Sequence[nn.Module], prefix: list[int], device: torch.device):
+def _prefix_cache(model: nn.Module, modules: Sequence[nn.Module], prefix: list[int], device: torch.device
+                  ) -> DynamicCache:
     """The key/value cache of ``prefix`` (batch 1) up to the last of ``modules``' layers."""
     decoder = decoder_of(model)
     cache = DynamicCache()
