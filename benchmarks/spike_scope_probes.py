@@ -1,7 +1,7 @@
 """Scope probes (issue 10): where do paraphrased and implicit questions fail, and does a zero-shot scope separate them?
 
     python benchmarks/spike_scope_probes.py gate [--every 5] [--config '{"key_token": "prompt_last"}']
-    python benchmarks/spike_scope_probes.py likelihood [--every 5] [--label subject --template topic]
+    python benchmarks/spike_scope_probes.py likelihood [--every 5] [--label subject --template topic | --both]
 
 ``gate``: edits every ``--every``-th balanced100 item as its own user (the given config fields over the defaults),
 then, per question kind, counts the users whose gate fires on some token of the question (max over tokens of
@@ -13,6 +13,7 @@ the label's tokens, the base model's own judgement: label = the target (how well
 subject (``--template topic``: T asks which topic of the user's life q is about). It fires when ℓ_i(q) ≥ the
 quantile Q of ℓ_i over 40 calibration neutral prompts, plus a margin m. Reports the fire rate on the items' own
 questions and the false-fire rate on the 40 first neutral prompts and on the other items' literal questions.
+``--both`` fires where the target scope and the topic scope both fire.
 """
 
 from __future__ import annotations
@@ -89,29 +90,43 @@ def target_likelihood(model, tokenizer, pairs: list[tuple[str, str]], template: 
     return torch.tensor(out)
 
 
-def likelihood_probe(prefs: list[Preference], label: str, template: str) -> None:
-    """Fire and false-fire rates of the zero-shot likelihood scope at several thresholds."""
-    model, tokenizer = load_default_model()
-    model.eval()
+def scope_fires(model, tokenizer, prefs: list[Preference], label: str, template: str):
+    """The likelihood scope of ``label``/``template``: a function (Q, m) → per question set, where it fires (the
+    items' own questions by kind, the held-out neutral prompts [P, 40], the other items' literal questions)."""
     neutral = load_prompt_set("neutral_prompts")
     calibration, held_out = neutral[HELD_OUT_PROMPTS:][:40], neutral[:40]
-
     labels = [getattr(p, label) for p in prefs]
 
-    def scores(questions: list[str], text: str) -> torch.Tensor:
-        return target_likelihood(model, tokenizer, [(q, text) for q in questions], TEMPLATES[template])
+    def scores(pairs: list[tuple[str, str]]) -> torch.Tensor:
+        return target_likelihood(model, tokenizer, pairs, TEMPLATES[template])
 
-    base = torch.stack([scores(calibration, text) for text in labels])  # [P, 40]
-    own = {kind: target_likelihood(model, tokenizer, [(getattr(p, attr), text) for p, text in zip(prefs, labels)],
-                                   TEMPLATES[template]) for kind, attr in KINDS.items()}
-    neutral_scores = torch.stack([scores(held_out, text) for text in labels])
-    other = [scores([o.question for o in prefs if o.subject != p.subject], text) for p, text in zip(prefs, labels)]
+    base = torch.stack([scores([(q, text) for q in calibration]) for text in labels])  # [P, 40]
+    own = {kind: scores([(getattr(p, attr), text) for p, text in zip(prefs, labels)]) for kind, attr in KINDS.items()}
+    neutral_scores = torch.stack([scores([(q, text) for q in held_out]) for text in labels])
+    other = [scores([(o.question, text) for o in prefs if o.subject != p.subject]) for p, text in zip(prefs, labels)]
+
+    def fires(quantile: float, margin: float) -> dict[str, torch.Tensor]:
+        tau = torch.quantile(base, quantile, dim=1) + margin
+        out = {kind: s >= tau for kind, s in own.items()}
+        out["neutral_false_fire"] = neutral_scores >= tau[:, None]
+        out["other_false_fire"] = torch.cat([o >= t for o, t in zip(other, tau)])
+        return out
+
+    return fires
+
+
+def likelihood_probe(prefs: list[Preference], label: str, template: str, both: bool) -> None:
+    """Fire and false-fire rates of the zero-shot likelihood scope at several thresholds (``both``: where the
+    target scope and the topic scope fire together, each at the same Q and m)."""
+    model, tokenizer = load_default_model()
+    model.eval()
+    scopes = [("target", "answer"), ("subject", "topic")] if both else [(label, template)]
+    fires = [scope_fires(model, tokenizer, prefs, *scope) for scope in scopes]
     for quantile in (0.95, 0.99, 1.0):
         for margin in (0.0, 0.5, 1.0):
-            tau = torch.quantile(base, quantile, dim=1) + margin
-            row = {kind: round(float((s >= tau).float().mean()), 2) for kind, s in own.items()}
-            row["neutral_false_fire"] = round(float((neutral_scores >= tau[:, None]).float().mean()), 3)
-            row["other_false_fire"] = round(float(torch.cat([o >= t for o, t in zip(other, tau)]).float().mean()), 3)
+            parts = [f(quantile, margin) for f in fires]
+            row = {name: round(float(torch.stack([p[name] for p in parts]).all(0).float().mean()),
+                               3 if name.endswith("fire") else 2) for name in parts[0]}
             print(f"Q={quantile} m={margin}: {json.dumps(row)}")
 
 
@@ -121,6 +136,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=5, help="every k-th balanced100 item (5: 20 items, 2 per type)")
     parser.add_argument("--label", choices=("target", "subject"), default="target", help="likelihood probe")
     parser.add_argument("--template", choices=sorted(TEMPLATES), default="answer", help="likelihood probe")
+    parser.add_argument("--both", action="store_true", help="likelihood probe: target AND topic scope")
     parser.add_argument("--config", type=json.loads, default={}, help="config fields over the defaults (gate probe)")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -128,7 +144,7 @@ def main() -> None:
     if args.probe == "gate":
         gate_probe(prefs, args.config)
     else:
-        likelihood_probe(prefs, args.label, args.template)
+        likelihood_probe(prefs, args.label, args.template, args.both)
 
 
 if __name__ == "__main__":
