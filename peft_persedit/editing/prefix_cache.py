@@ -25,8 +25,8 @@ def cache_argument(decoder_class: type[nn.Module]) -> str:
 
 
 def repeated(cache: Any, rows: int) -> Any:
-    """A copy of the batch-1 ``cache`` with its row repeated ``rows`` times (a forward appends to the cache it is
-    given; the original stays the bare prefix)."""
+    """A copy of ``cache`` for one forward (which appends to the cache it is given; the original stays the bare
+    prefix); with ``rows`` > 1, the single row of a batch-1 cache repeated ``rows`` times."""
     cache = copy.deepcopy(cache)
     if rows > 1:
         cache.batch_repeat_interleave(rows)
