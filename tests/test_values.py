@@ -31,6 +31,51 @@ def test_value_chunk_subset_scores_its_rows_as_the_full_chunk_does(tokenizer):
         torch.testing.assert_close(chunk.log_probs(pm), full)  # the full chunk's prefix cache is untouched
 
 
+def test_value_chunk_losses_equal_a_row_by_row_computation(tokenizer):
+    """The chunk's vectorized losses (target NLL rows, neutral KL rows, continuation KL rows), greedy flags and their
+    gradient equal a plain row-by-row computation of the same definitions."""
+    from peft_persedit.editing.values import ValueRequest, _Chunk, _rows
+
+    requests = []
+    for pref in PREFS:
+        text = chat_text(tokenizer, pref.question)
+        prompt = (encode(tokenizer, text), subject_token_index(tokenizer, text, pref.question, pref.subject))
+        kl_prompt = (encode(tokenizer, "pet is a"), 0)
+        requests.append(ValueRequest([prompt, prompt], encode(tokenizer, pref.target), kl_prompt,
+                                     continuation=encode(tokenizer, " It is calm.")))
+    rows = _rows(requests, kl_weight=0.0625, continuation_weight=0.5)
+    chunk = _Chunk(tiny_pm(), rows, list(range(len(rows))), 2, None, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    positions, vocab = len(chunk.flat_pos), int(chunk.labels.max()) + 8
+    logits = torch.randn(positions, vocab, generator=generator)
+    first = next(j for j, r in enumerate(chunk.rows) if not r.is_kl)  # this row's target is the argmax: greedy
+    span = (chunk.flat_rows == first).nonzero().flatten()
+    logits[span, chunk.labels[span]] = 50.0
+    logp = torch.log_softmax(logits, -1).requires_grad_(True)
+    reference = {chunk.index[j]: torch.log_softmax(torch.randn(len(r.loss_pos), vocab, generator=generator), -1)
+                 for j, r in enumerate(chunk.rows) if r.is_kl}
+    loss, greedy = chunk.losses(logp, reference)
+    expected, expected_greedy, offset = [], [], 0
+    for j, r in enumerate(chunk.rows):
+        at = slice(offset, offset + len(r.loss_pos))
+        offset += len(r.loss_pos)
+        if r.is_kl:
+            ref = reference[chunk.index[j]]
+            expected.append(torch.sum(ref.exp() * (ref - logp[at])) / len(r.loss_pos))
+            expected_greedy.append(True)
+        else:
+            labels = chunk.labels[at]
+            expected.append(-logp[at].gather(1, labels[:, None]).mean())
+            expected_greedy.append(bool((logp[at].argmax(-1) == labels).all()))
+    expected = torch.stack(expected)
+    assert greedy.tolist() == expected_greedy and greedy[first] and not greedy.all()
+    torch.testing.assert_close(loss, expected)
+    weights = torch.rand(len(chunk.rows), generator=generator)
+    (grad,) = torch.autograd.grad((loss * weights).sum(), logp)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), logp)
+    torch.testing.assert_close(grad, expected_grad)
+
+
 def _multi_prompt_requests(tokenizer, prompts_per_pref: int = 4):
     """One request per PREFS entry with its question in ``prompts_per_pref`` context variants and a KL prompt."""
     from peft_persedit.editing.values import ValueRequest
@@ -143,7 +188,9 @@ def test_continuation_kl_keeps_what_the_model_says_after_the_target(tokenizer):
     rows = _rows([request], continuation_weight=2.0)
     assert [r.is_kl for r in rows] == [False, True] and rows[1].weight == 2.0
     kl_row = rows[1]
-    assert kl_row.suffix[-len(continuation):] == continuation and len(kl_row.loss_pos) == len(continuation)
+    # the last continuation token is only scored, never run
+    assert kl_row.suffix[-len(continuation) + 1:] == continuation[:-1] and len(kl_row.loss_pos) == len(continuation)
+    assert kl_row.loss_pos[-1] == len(kl_row.suffix) - 1
     assert kl_row.suffix[kl_row.loss_pos[0]] == target[-1] and kl_row.suffix[kl_row.loss_pos[0] + 1] == continuation[0]
 
     def continuation_kl(delta: torch.Tensor) -> float:

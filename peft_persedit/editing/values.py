@@ -65,7 +65,7 @@ class ValueResult:
 class _Row:
     owner: int
     prefix: list[int]  # cached tokens before δ's position (never affected by δ)
-    suffix: list[int]  # the rest (+ target)
+    suffix: list[int]  # the rest (+ target): the tokens run each step, up to the last scored position
     loss_pos: list[int]  # positions in the suffix whose next token is scored
     labels: list[int]
     is_kl: bool
@@ -81,7 +81,7 @@ def _rows(requests: list[ValueRequest], kl_weight: float = 0.0, continuation_wei
     for i, request in enumerate(requests):
         for j, (ids, s) in enumerate(request.prompts):
             cut = min(request.shared[j] if j < len(request.shared) else 0, s) or s
-            suffix = list(ids[cut:]) + list(request.target_ids)
+            suffix = list(ids[cut:]) + list(request.target_ids[:-1])  # the last target token is only a label
             start = len(ids) - cut - 1
             rows.append(_Row(i, list(ids[:cut]), suffix, list(range(start, start + len(request.target_ids))),
                              list(request.target_ids), False, s - cut, cut < s))
@@ -90,7 +90,7 @@ def _rows(requests: list[ValueRequest], kl_weight: float = 0.0, continuation_wei
             rows.append(_Row(i, list(ids[:s]), list(ids[s:]), [len(ids) - s - 1], [-1], True, weight=kl_weight))
         if continuation_weight > 0 and request.continuation and request.prompts:
             ids, s = request.prompts[0]
-            suffix = list(ids[s:]) + list(request.target_ids) + list(request.continuation)
+            suffix = list(ids[s:]) + list(request.target_ids) + list(request.continuation[:-1])
             start = len(ids) - s + len(request.target_ids) - 1  # the last target token predicts c_1
             count = len(request.continuation)
             rows.append(_Row(i, list(ids[:s]), suffix, list(range(start, start + count)), [-1] * count, True,
@@ -127,6 +127,7 @@ class _Chunk:
         positions = (self.mask.cumsum(1) - 1).clamp(min=0)
         self.prefix_positions, self.positions = positions[:, : self.prefix_len], positions[:, self.prefix_len:]
         self.owner = torch.tensor([r.owner for r in self.rows], device=device)
+        self.is_kl = torch.tensor([r.is_kl for r in self.rows], device=device)
         self.at = torch.tensor([r.at for r in self.rows], device=device)
         self.flat_rows = torch.tensor([j for j, r in enumerate(self.rows) for _ in r.loss_pos], device=device)
         self.flat_pos = torch.tensor([p for r in self.rows for p in r.loss_pos], device=device)
@@ -148,6 +149,7 @@ class _Chunk:
         part.rows = [self.rows[j] for j in rows.tolist()]
         part.adapters = None if self.adapters is None else [self.adapters[j] for j in rows.tolist()]
         part.ids, part.mask, part.owner, part.at = self.ids[rows], self.mask[rows], self.owner[rows], self.at[rows]
+        part.is_kl = self.is_kl[rows]
         part.positions, part.prefix_positions = self.positions[rows], self.prefix_positions[rows]
         flat = keep[self.flat_rows]
         part.flat_rows = torch.cumsum(keep.long(), 0)[self.flat_rows][flat] - 1  # renumbered rows
@@ -170,21 +172,24 @@ class _Chunk:
 
     def losses(self, logp: torch.Tensor, kl_reference: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row: mean target NLL (or mean KL(reference ‖ now) for KL rows), and whether greedy decoding
-        reproduces the whole target (every target token is the argmax; always True for KL rows)."""
-        out, greedy, offset = [], [], 0
-        for j, r in enumerate(self.rows):
-            count = len(r.loss_pos)
-            span = torch.arange(offset, offset + count, device=logp.device)
-            if r.is_kl:  # mean over the row's positions of KL(reference ‖ now)
-                ref = kl_reference[self.index[j]]
-                out.append(torch.sum(ref.exp() * (ref - logp[span])) / count)
-                greedy.append(torch.tensor(True, device=logp.device))
-            else:
-                labels = self.labels[offset:offset + count]
-                out.append(-logp[span, labels].mean())
-                greedy.append((logp[span].argmax(-1) == labels).all())
-            offset += count
-        return torch.stack(out), torch.stack(greedy)
+        reproduces the whole target (every target token is the argmax; always True for KL rows).
+
+        Computed for all scored positions at once: ℓ_p = −log P(y_p) or Σ_v P_ref(v) (log P_ref(v) − log P(v)), then
+        a per-row mean; indexing logp row by row would cost one [positions, vocab] gradient buffer per row."""
+        n = len(self.rows)
+        kl_position = self.is_kl[self.flat_rows]
+        labels = self.labels.clamp(min=0)  # KL positions carry label −1
+        per_position = -logp.gather(1, labels[:, None])[:, 0]
+        if bool(kl_position.any()):  # references in flat order: KL rows in row order, each its positions
+            reference = torch.cat([kl_reference[self.index[j]] for j in self.is_kl.nonzero().flatten().tolist()])
+            at = kl_position.nonzero().flatten()
+            kl = (reference.exp() * (reference - logp[at])).sum(-1)
+            per_position = per_position.masked_fill(kl_position, 0.0).index_put((at,), kl)
+        counts = torch.bincount(self.flat_rows, minlength=n).clamp(min=1)
+        loss = per_position.new_zeros(n).index_add(0, self.flat_rows, per_position) / counts
+        wrong = (logp.argmax(-1) != labels) & ~kl_position
+        greedy = torch.zeros(n, dtype=torch.long, device=logp.device).index_add(0, self.flat_rows, wrong.long()) == 0
+        return loss, greedy
 
 
 def _routing(model: nn.Module, adapters: list[str] | None):
@@ -294,9 +299,9 @@ def _backward(peft_model: nn.Module, hook: _AddDelta, chunks: list[_Chunk], delt
         chunk = full if bool(active.all()) else full.subset(active)  # finished rows cost nothing
         hook.delta, hook.owner, hook.at = delta, chunk.owner, chunk.at
         losses, greedy = chunk.losses(chunk.log_probs(peft_model), kl_reference)
-        for j, ok in enumerate(greedy.tolist()):
-            step_greedy[chunk.owner[j]] &= ok
-        kl = torch.tensor([r.is_kl for r in chunk.rows], device=delta.device)
+        missed = torch.zeros(n, dtype=torch.long, device=delta.device).index_add(0, chunk.owner, (~greedy).long())
+        step_greedy &= missed == 0
+        kl = chunk.is_kl
         kl_weights = torch.tensor([r.weight for r in chunk.rows], device=delta.device)
         weights = torch.where(kl, kl_weights, 1.0 / per_owner[chunk.owner])
         (losses * weights).sum().backward()
