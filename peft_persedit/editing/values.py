@@ -241,23 +241,28 @@ def _make_chunks(peft_model: nn.Module, requests: list[ValueRequest], rows: list
     return chunks
 
 
+def _record(chunk: _Chunk, original: torch.Tensor, logp: torch.Tensor, norms: torch.Tensor,
+            kl_reference: dict[int, torch.Tensor]) -> None:
+    """From a forward of ``chunk`` without δ (or with δ = 0): ‖v_i‖ = max over i's rows of the original output's
+    norm (into ``norms``), and log P at each KL row's positions (into ``kl_reference``)."""
+    norms.index_reduce_(0, chunk.owner, original.norm(dim=-1), "amax")
+    offset = 0
+    for j, r in enumerate(chunk.rows):
+        offset += len(r.loss_pos)
+        if r.is_kl:
+            kl_reference[chunk.index[j]] = logp[offset - len(r.loss_pos):offset].detach()
+
+
 @torch.no_grad()
-def _references(peft_model: nn.Module, hook: _AddDelta, chunks: list[_Chunk], n: int, device: torch.device
-                ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """Without δ: ‖v_i‖ = max over i's rows of the original output's norm, and log P at each KL row's positions."""
-    norms = torch.zeros(n, device=device)
-    kl_reference: dict[int, torch.Tensor] = {}
+def _references(peft_model: nn.Module, hook: _AddDelta, chunks: list[_Chunk], norms: torch.Tensor,
+                kl_reference: dict[int, torch.Tensor]) -> None:
+    """A forward of every chunk without δ, recorded (:func:`_record`); when the first step runs every row, it
+    records them itself instead."""
     hook.delta = None
     for chunk in chunks:
         hook.at = chunk.at
         logp = chunk.log_probs(peft_model)
-        offset = 0
-        for j, r in enumerate(chunk.rows):
-            norms[r.owner] = torch.maximum(norms[r.owner], hook.original[j].norm())
-            offset += len(r.loss_pos)
-            if r.is_kl:
-                kl_reference[chunk.index[j]] = logp[offset - len(r.loss_pos):offset]
-    return norms, kl_reference
+        _record(chunk, hook.original, logp, norms, kl_reference)
 
 
 def target_rows(rows: list[_Row]) -> dict[int, list[int]]:
@@ -282,11 +287,12 @@ def sampled_rows(rows: list[_Row], targets: dict[int, list[int]], count: int, ge
 
 
 def _backward(peft_model: nn.Module, hook: _AddDelta, chunks: list[_Chunk], delta: torch.Tensor, done: torch.Tensor,
-              kl_reference: dict[int, torch.Tensor], per_owner: torch.Tensor, use: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              kl_reference: dict[int, torch.Tensor], per_owner: torch.Tensor, use: torch.Tensor | None = None,
+              norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One step's gradient of Σ_i (mean NLL_i + λ_KL KL_i + λ_c KL_c,i) over the unfinished preferences' rows (only
     the rows in ``use``, when given; ``per_owner`` counts each preference's target rows among them); returns
-    (NLL [n], greedy reproduces every target [n]) over those rows."""
+    (NLL [n], greedy reproduces every target [n]) over those rows. With ``norms`` (the first step, δ = 0, every
+    row), each chunk's forward is also recorded as the reference (:func:`_record`) before its losses."""
     n = delta.shape[0]
     step_nll = torch.zeros(n, device=delta.device)
     step_greedy = torch.ones(n, dtype=torch.bool, device=delta.device)
@@ -298,7 +304,10 @@ def _backward(peft_model: nn.Module, hook: _AddDelta, chunks: list[_Chunk], delt
             continue
         chunk = full if bool(active.all()) else full.subset(active)  # finished rows cost nothing
         hook.delta, hook.owner, hook.at = delta, chunk.owner, chunk.at
-        losses, greedy = chunk.losses(chunk.log_probs(peft_model), kl_reference)
+        logp = chunk.log_probs(peft_model)
+        if norms is not None:
+            _record(chunk, hook.original, logp, norms, kl_reference)
+        losses, greedy = chunk.losses(logp, kl_reference)
         missed = torch.zeros(n, dtype=torch.long, device=delta.device).index_add(0, chunk.owner, (~greedy).long())
         step_greedy &= missed == 0
         kl = chunk.is_kl
@@ -329,7 +338,13 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
     peft_model.requires_grad_(False)
     try:
         chunks = _make_chunks(peft_model, requests, rows, pad, batch_size, device)
-        norms, kl_reference = _references(peft_model, hook, chunks, n, device)
+        norms, kl_reference = torch.zeros(n, device=device), {}
+
+        def is_full(step: int) -> bool:
+            return not rows_per_step or step % full_every == full_every - 1 or step == steps - 1
+
+        if not is_full(0):  # otherwise the first step (δ = 0, every row) records them
+            _references(peft_model, hook, chunks, norms, kl_reference)
         delta = torch.zeros(n, module.out_features, device=device, requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=lr)
         done = torch.zeros(n, dtype=torch.bool, device=device)
@@ -340,10 +355,11 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
         generator = torch.Generator().manual_seed(0)
         for step in tqdm(range(steps), desc="values δ*", disable=not progress, leave=False):
             optimizer.zero_grad()
-            full = not rows_per_step or step % full_every == full_every - 1 or step == steps - 1
+            full = is_full(step)
             use = None if full else sampled_rows(rows, targets, rows_per_step, generator)
             per_owner = every if full else sampled
-            step_nll, step_greedy = _backward(peft_model, hook, chunks, delta, done, kl_reference, per_owner, use)
+            step_nll, step_greedy = _backward(peft_model, hook, chunks, delta, done, kl_reference, per_owner, use,
+                                              norms=norms if step == 0 and full else None)
             decay = weight_decay * delta.pow(2).sum(-1) / norms.pow(2).clamp(min=1e-8)
             decay.sum().backward()
             if full:  # only a step over every prompt can finish a preference
