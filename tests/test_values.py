@@ -126,6 +126,33 @@ def test_sampled_value_steps_equal_full_steps_when_k_covers_every_prompt(tokeniz
     assert seen == [False, True, False, True] and sampled.isfinite().all() and not torch.equal(sampled, every)
 
 
+def test_value_rows_of_unfinished_preferences_are_regrouped_when_most_rows_are_finished(tokenizer, monkeypatch):
+    """Once at most half of the chunks' rows are unfinished, those rows are regrouped into new, fuller chunks (one
+    forward per chunk instead of many near-empty ones); δ is what one chunk of every row gives."""
+    from peft_persedit.editing import values
+
+    pm = tiny_pm()
+    layer = edit_layers(pm)[0]
+    requests = _multi_prompt_requests(tokenizer)  # 3 preferences × (4 prompts + 1 KL row)
+    backward, chunked = values._backward, values._make_chunks
+
+    def first_two_finish_at_once(*args, **kwargs):  # preferences 0 and 1 say their target after the first step
+        nll, greedy = backward(*args, **kwargs)
+        return torch.where(torch.arange(3) < 2, 0.0, nll), greedy | (torch.arange(3) < 2)
+
+    monkeypatch.setattr(values, "_backward", first_two_finish_at_once)
+    grouped = []
+    monkeypatch.setattr(values, "_make_chunks", lambda *a, **k: grouped.append(a[6:]) or chunked(*a, **k))
+    common = dict(steps=4, lr=0.5, nll_stop=0.25, progress=False)
+    small = values.optimize_values(pm, layer, requests, 2, batch_size=2, **common).deltas
+    assert grouped == [(), ([10, 11, 12, 13, 14],)]  # 8 chunks of 15 rows, then preference 2's 5 rows in 3
+    grouped.clear()
+    one = values.optimize_values(pm, layer, requests, 2, batch_size=64, **common).deltas
+    assert grouped == [()]  # a single chunk is never regrouped
+    torch.testing.assert_close(small, one, atol=1e-5, rtol=1e-4)
+    assert small[2].norm() > 0 and not small[:2].any()  # finished at step 0 (δ = 0); preference 2 kept moving
+
+
 def test_value_rows_after_one_history_share_a_batch_one_cache_and_score_as_own_prefixes(tokenizer):
     """Prompts after the same earlier turns (``ValueRequest.shared``) run on one batch-1 cache of those turns,
     repeated per forward; their log-probs and δ's effect equal those of rows with their own prefix caches."""

@@ -213,6 +213,8 @@ class _AddDelta:
         self.original: torch.Tensor | None = None
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if self.at is None:  # a prefix forward: δ's positions are all after it
+            return output
         rows = torch.arange(output.shape[0], device=output.device)
         self.original = output[rows, self.at].detach().float()
         if self.delta is None:
@@ -224,12 +226,14 @@ class _AddDelta:
 
 
 def _make_chunks(peft_model: nn.Module, requests: list[ValueRequest], rows: list[_Row], pad: int, batch_size: int,
-                 device: torch.device) -> list[_Chunk]:
-    """Rows grouped by shared prefix (each group on one cache; the rest together), sorted by (suffix, prefix)
-    length within a group, in chunks of ``batch_size``: similar lengths share one, little padding."""
+                 device: torch.device, only: list[int] | None = None) -> list[_Chunk]:
+    """Rows (those in ``only``, when given) grouped by shared prefix (each group on one cache; the rest together),
+    sorted by (suffix, prefix) length within a group, in chunks of ``batch_size``: similar lengths share one,
+    little padding."""
     routed = any(r.adapter is not None for r in requests)
     groups: dict[tuple, list[int]] = {}
-    for i, row in enumerate(rows):  # one cache per (shared prefix, adapter): it is computed through the adapter
+    for i in range(len(rows)) if only is None else only:  # one cache per (shared prefix, adapter): computed
+        row = rows[i]  # through the adapter
         groups.setdefault((tuple(row.prefix), requests[row.owner].adapter) if row.shared else (), []).append(i)
     chunks = []
     for members in groups.values():
@@ -338,6 +342,7 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
     peft_model.requires_grad_(False)
     try:
         chunks = _make_chunks(peft_model, requests, rows, pad, batch_size, device)
+        seats = len(rows)  # rows the chunks hold
         norms, kl_reference = torch.zeros(n, device=device), {}
 
         def is_full(step: int) -> bool:
@@ -367,6 +372,12 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
                 done |= (nll < nll_stop) & step_greedy
             if bool(done.all()):
                 break
+            if full:  # most rows finished: regroup the others into full chunks (fewer, larger forwards)
+                finished = done.tolist()
+                live = [j for j, r in enumerate(rows) if not finished[r.owner]]
+                if len(chunks) > 1 and 2 * len(live) <= seats:
+                    hook.delta = hook.at = None
+                    chunks, seats = _make_chunks(peft_model, requests, rows, pad, batch_size, device, live), len(live)
             before = delta.detach().clone()
             optimizer.step()
             with torch.no_grad():
