@@ -3,15 +3,19 @@ sampled prompts per step and the continuation KL, on tiny models."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import PREFS, edit_layers, tiny_pm
+from peft import get_peft_model
+from tiny_models import TINY_ARCHS, make_tiny_model
 
+from peft_persedit import PersonalizationEditConfig
 from peft_persedit.editing import PersonalizationEditor
 from peft_persedit.editing.chat import chat_text, encode, subject_token_index
 
 
 def test_value_chunk_subset_scores_its_rows_as_the_full_chunk_does(tokenizer):
-    from peft_persedit.editing.values import ValueRequest, _Chunk, _rows
+    from peft_persedit.editing.value_chunks import Chunk, ValueRequest, value_rows
 
     pm = tiny_pm()
     requests = []
@@ -19,8 +23,8 @@ def test_value_chunk_subset_scores_its_rows_as_the_full_chunk_does(tokenizer):
         text = chat_text(tokenizer, pref.question)
         prompt = (encode(tokenizer, text), subject_token_index(tokenizer, text, pref.question, pref.subject))
         requests.append(ValueRequest([prompt], encode(tokenizer, pref.target), (encode(tokenizer, "pet is a"), 0)))
-    rows = _rows(requests, kl_weight=0.0625)
-    chunk = _Chunk(pm, rows, list(range(len(rows))), 2, None, torch.device("cpu"))
+    rows = value_rows(requests, kl_weight=0.0625)
+    chunk = Chunk(pm, rows, list(range(len(rows))), 2, None, torch.device("cpu"))
     with torch.no_grad():
         full = chunk.log_probs(pm)
         keep = torch.tensor([r.owner != 1 for r in chunk.rows])
@@ -31,10 +35,55 @@ def test_value_chunk_subset_scores_its_rows_as_the_full_chunk_does(tokenizer):
         torch.testing.assert_close(chunk.log_probs(pm), full)  # the full chunk's prefix cache is untouched
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_value_chunks_score_as_plain_forwards_of_each_row(tokenizer, arch):
+    """Each chunk's log-probs, δ at every row's subject token, equal a plain forward of the row's whole sequence:
+    rows after one history (a shared batch-1 cache), rows that share only the system turn (one batch-1 cache of it,
+    extended by each row's own rest) and KL rows (no common lead), on every architecture."""
+    from peft_persedit.editing.value_chunks import ValueRequest, make_chunks, value_rows
+    from peft_persedit.editing.values import _AddDelta
+
+    pm = get_peft_model(make_tiny_model(arch), PersonalizationEditConfig(layers_to_transform=[1])).eval()
+    layer = edit_layers(pm)[0]
+    history = [("Hi", "Hello!")]
+    split = encode(tokenizer, chat_text(tokenizer, "x", history=history))
+    requests = []
+    for pref in PREFS:
+        prompts, shared = [], []
+        for turns in ((), history):
+            text = chat_text(tokenizer, pref.question, history=turns)
+            ids = encode(tokenizer, text)
+            prompts.append((ids, subject_token_index(tokenizer, text, pref.question, pref.subject)))
+            shared.append(next(i for i, (a, b) in enumerate(zip(ids, split)) if a != b) if turns else 0)
+        kl_prompt = (encode(tokenizer, "my pet is a"), len(encode(tokenizer, "my pet")) - 1)  # one lead, no rest
+        requests.append(ValueRequest(prompts, encode(tokenizer, pref.target), kl_prompt, None, shared))
+    rows = value_rows(requests, kl_weight=0.1)
+    chunks = make_chunks(pm, requests, rows, 2, 2, torch.device("cpu"))
+    kinds = {"shared" if c.shared else "lead + rest" if c.prefix_len > c.lead > 0 else "lead" if c.lead else "own"
+             for c in chunks}
+    assert kinds == {"shared", "lead + rest", "lead"}, kinds
+    delta = torch.randn(len(PREFS), layer.out_features)
+    hook = _AddDelta()
+    handle = layer.register_forward_hook(hook)
+    try:
+        for chunk in chunks:
+            hook.delta, hook.owner, hook.at = delta, chunk.owner, chunk.at
+            with torch.no_grad():
+                got = chunk.log_probs(pm)
+            for j, r in enumerate(chunk.rows):
+                hook.owner, hook.at = chunk.owner[j:j + 1], torch.tensor([len(r.prefix) + r.at])
+                with torch.no_grad():
+                    logits = pm(input_ids=torch.tensor([r.prefix + r.suffix])).logits[0]
+                expected = torch.log_softmax(logits[[len(r.prefix) + p for p in r.loss_pos]].float(), -1)
+                torch.testing.assert_close(got[chunk.flat_rows == j], expected, atol=1e-4, rtol=1e-4)
+    finally:
+        handle.remove()
+
+
 def test_value_chunk_losses_equal_a_row_by_row_computation(tokenizer):
     """The chunk's vectorized losses (target NLL rows, neutral KL rows, continuation KL rows), greedy flags and their
     gradient equal a plain row-by-row computation of the same definitions."""
-    from peft_persedit.editing.values import ValueRequest, _Chunk, _rows
+    from peft_persedit.editing.value_chunks import Chunk, ValueRequest, value_rows
 
     requests = []
     for pref in PREFS:
@@ -43,8 +92,8 @@ def test_value_chunk_losses_equal_a_row_by_row_computation(tokenizer):
         kl_prompt = (encode(tokenizer, "pet is a"), 0)
         requests.append(ValueRequest([prompt, prompt], encode(tokenizer, pref.target), kl_prompt,
                                      continuation=encode(tokenizer, " It is calm.")))
-    rows = _rows(requests, kl_weight=0.0625, continuation_weight=0.5)
-    chunk = _Chunk(tiny_pm(), rows, list(range(len(rows))), 2, None, torch.device("cpu"))
+    rows = value_rows(requests, kl_weight=0.0625, continuation_weight=0.5)
+    chunk = Chunk(tiny_pm(), rows, list(range(len(rows))), 2, None, torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
     positions, vocab = len(chunk.flat_pos), int(chunk.labels.max()) + 8
     logits = torch.randn(positions, vocab, generator=generator)
@@ -78,7 +127,7 @@ def test_value_chunk_losses_equal_a_row_by_row_computation(tokenizer):
 
 def _multi_prompt_requests(tokenizer, prompts_per_pref: int = 4):
     """One request per PREFS entry with its question in ``prompts_per_pref`` context variants and a KL prompt."""
-    from peft_persedit.editing.values import ValueRequest
+    from peft_persedit.editing.value_chunks import ValueRequest
 
     requests = []
     for pref in PREFS:
@@ -93,9 +142,10 @@ def _multi_prompt_requests(tokenizer, prompts_per_pref: int = 4):
 def test_sampled_value_steps_use_the_question_and_k_minus_1_drawn_prompts(tokenizer):
     """rows_per_step=k: a sampled step keeps each preference's bare question, k − 1 of its other prompts (drawn
     afresh) and its KL row."""
-    from peft_persedit.editing.values import _rows, sampled_rows, target_rows
+    from peft_persedit.editing.value_chunks import value_rows
+    from peft_persedit.editing.values import sampled_rows, target_rows
 
-    rows = _rows(_multi_prompt_requests(tokenizer), kl_weight=0.0625)
+    rows = value_rows(_multi_prompt_requests(tokenizer), kl_weight=0.0625)
     generator = torch.Generator().manual_seed(0)
     draws = [sampled_rows(rows, target_rows(rows), 2, generator) for _ in range(8)]
     for use in draws:
@@ -128,35 +178,46 @@ def test_sampled_value_steps_equal_full_steps_when_k_covers_every_prompt(tokeniz
 
 def test_value_rows_of_unfinished_preferences_are_regrouped_when_most_rows_are_finished(tokenizer, monkeypatch):
     """Once at most half of the chunks' rows are unfinished, those rows are regrouped into new, fuller chunks (one
-    forward per chunk instead of many near-empty ones); δ is what one chunk of every row gives."""
+    forward per chunk instead of many near-empty ones); δ is what the chunks of every row give."""
     from peft_persedit.editing import values
 
     pm = tiny_pm()
     layer = edit_layers(pm)[0]
     requests = _multi_prompt_requests(tokenizer)  # 3 preferences × (4 prompts + 1 KL row)
-    backward, chunked = values._backward, values._make_chunks
+    backward, chunked = values._backward, values.make_chunks
 
     def first_two_finish_at_once(*args, **kwargs):  # preferences 0 and 1 say their target after the first step
         nll, greedy = backward(*args, **kwargs)
         return torch.where(torch.arange(3) < 2, 0.0, nll), greedy | (torch.arange(3) < 2)
 
     monkeypatch.setattr(values, "_backward", first_two_finish_at_once)
-    grouped = []
-    monkeypatch.setattr(values, "_make_chunks", lambda *a, **k: grouped.append(a[6:]) or chunked(*a, **k))
-    common = dict(steps=4, lr=0.5, nll_stop=0.25, progress=False)
-    small = values.optimize_values(pm, layer, requests, 2, batch_size=2, **common).deltas
+    grouped, built = [], []
+
+    def chunks(*args, regroup: bool = True):
+        grouped.append(args[6:])
+        if args[6:] and not regroup:  # keep the chunks of every row (the finished ones are skipped in each step)
+            return built[0]
+        built.append(chunked(*args))
+        return built[-1]
+
+    common = dict(steps=4, lr=0.5, nll_stop=0.25, progress=False, batch_size=2)
+    monkeypatch.setattr(values, "make_chunks", chunks)
+    small = values.optimize_values(pm, layer, requests, 2, **common).deltas
     assert grouped == [(), ([10, 11, 12, 13, 14],)]  # 8 chunks of 15 rows, then preference 2's 5 rows in 3
-    grouped.clear()
-    one = values.optimize_values(pm, layer, requests, 2, batch_size=64, **common).deltas
-    assert grouped == [()]  # a single chunk is never regrouped
-    torch.testing.assert_close(small, one, atol=1e-5, rtol=1e-4)
+    assert len(built[0]) == 8 and len(built[1]) == 3
+    grouped.clear(), built.clear()
+    monkeypatch.setattr(values, "make_chunks", lambda *args: chunks(*args, regroup=False))
+    kept = values.optimize_values(pm, layer, requests, 2, **common).deltas
+    assert grouped == [(), ([10, 11, 12, 13, 14],)] and len(built) == 1
+    torch.testing.assert_close(small, kept, atol=1e-5, rtol=1e-4)
     assert small[2].norm() > 0 and not small[:2].any()  # finished at step 0 (δ = 0); preference 2 kept moving
 
 
 def test_value_rows_after_one_history_share_a_batch_one_cache_and_score_as_own_prefixes(tokenizer):
     """Prompts after the same earlier turns (``ValueRequest.shared``) run on one batch-1 cache of those turns,
     repeated per forward; their log-probs and δ's effect equal those of rows with their own prefix caches."""
-    from peft_persedit.editing.values import ValueRequest, _AddDelta, _Chunk, _make_chunks, _rows
+    from peft_persedit.editing.value_chunks import Chunk, ValueRequest, make_chunks, value_rows
+    from peft_persedit.editing.values import _AddDelta
 
     pm = tiny_pm()
     history = [("Tell me a fact.", "Water boils at 100 degrees."), ("And another?", "The sky is blue.")]
@@ -168,12 +229,12 @@ def test_value_rows_after_one_history_share_a_batch_one_cache_and_score_as_own_p
         shared = next(i for i, (a, b) in enumerate(zip(ids, split)) if a != b)
         prompt = (ids, subject_token_index(tokenizer, text, pref.question, pref.subject))
         requests.append(ValueRequest([prompt], encode(tokenizer, pref.target), None, None, [shared]))
-    rows = _rows(requests)
+    rows = value_rows(requests)
     assert all(r.shared and r.at > 0 and r.prefix == rows[0].prefix for r in rows)
-    chunks = _make_chunks(pm, requests, rows, 2, 32, torch.device("cpu"))
+    chunks = make_chunks(pm, requests, rows, 2, 32, torch.device("cpu"))
     assert len(chunks) == 1 and chunks[0].shared and chunks[0].cache.get_seq_length() == len(rows[0].prefix)
-    own = _rows([ValueRequest(r.prompts, r.target_ids) for r in requests])  # prefix = all before the subject
-    reference = _Chunk(pm, own, list(range(len(own))), 2, None, torch.device("cpu"))
+    own = value_rows([ValueRequest(r.prompts, r.target_ids) for r in requests])  # prefix = all before the subject
+    reference = Chunk(pm, own, list(range(len(own))), 2, None, torch.device("cpu"))
     hook = _AddDelta()
     layer = edit_layers(pm)[0]
     handle = layer.register_forward_hook(hook)
@@ -199,7 +260,8 @@ def test_continuation_kl_keeps_what_the_model_says_after_the_target(tokenizer):
     """A request's ``continuation`` becomes a KL row over the positions after prompt 0 + target (the last target
     token predicts c_1); weighting it leaves the edited continuation closer to the unedited one, and the
     editor (``continuation_tokens`` > 0) fills it with the adapter's own greedy tokens."""
-    from peft_persedit.editing.values import ValueRequest, _AddDelta, _Chunk, _rows, optimize_values
+    from peft_persedit.editing.value_chunks import Chunk, ValueRequest, value_rows
+    from peft_persedit.editing.values import _AddDelta, optimize_values
 
     pm = tiny_pm()
     layer = edit_layers(pm)[0]
@@ -212,7 +274,7 @@ def test_continuation_kl_keeps_what_the_model_says_after_the_target(tokenizer):
     prompt = (encode(tokenizer, text), subject_token_index(tokenizer, text, pref.question, pref.subject))
     target, continuation = encode(tokenizer, pref.target), encode(tokenizer, " It is very calm.")
     request = ValueRequest([prompt], target, continuation=continuation)
-    rows = _rows([request], continuation_weight=2.0)
+    rows = value_rows([request], continuation_weight=2.0)
     assert [r.is_kl for r in rows] == [False, True] and rows[1].weight == 2.0
     kl_row = rows[1]
     # the last continuation token is only scored, never run
@@ -221,7 +283,7 @@ def test_continuation_kl_keeps_what_the_model_says_after_the_target(tokenizer):
     assert kl_row.suffix[kl_row.loss_pos[0]] == target[-1] and kl_row.suffix[kl_row.loss_pos[0] + 1] == continuation[0]
 
     def continuation_kl(delta: torch.Tensor) -> float:
-        chunk = _Chunk(pm, [kl_row], [0], 2, None, torch.device("cpu"))
+        chunk = Chunk(pm, [kl_row], [0], 2, None, torch.device("cpu"))
         hook = _AddDelta()
         handle = layer.register_forward_hook(hook)
         try:
