@@ -159,8 +159,9 @@ def test_sampled_value_steps_use_the_question_and_k_minus_1_drawn_prompts(tokeni
 
 
 def test_sampled_value_steps_equal_full_steps_when_k_covers_every_prompt(tokenizer, monkeypatch):
-    """With k ≥ a preference's prompts, sampled steps are full steps (same loss normalization): same δ. With k = 2
-    only the last (and every full_every-th) step runs every row."""
+    """With k ≥ a preference's prompts, sampled steps are full steps (same loss normalization): same δ — and the
+    same references (‖v‖, KL), recorded by the first step when it runs every row and by a pass of their own when it
+    is sampled. With k = 2 only the last (and every full_every-th) step runs every row."""
     from peft_persedit.editing import values
 
     pm = tiny_pm()
