@@ -68,7 +68,7 @@ def _record(chunk: Chunk, original: torch.Tensor, logp: torch.Tensor, norms: tor
             kl_reference: dict[int, torch.Tensor]) -> None:
     """From a forward of ``chunk`` without δ (or with δ = 0): ‖v_i‖ = max over i's rows of the original output's
     norm (into ``norms``), and log P at each KL row's positions (into ``kl_reference``)."""
-    norms.index_reduce_(0, chunk.owner, original.norm(dim=-1), "amax")
+    norms.scatter_reduce_(0, chunk.owner, original.norm(dim=-1), "amax")
     offset = 0
     for j, r in enumerate(chunk.rows):
         offset += len(r.loss_pos)
