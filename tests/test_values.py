@@ -39,7 +39,7 @@ def test_value_chunk_subset_scores_its_rows_as_the_full_chunk_does(tokenizer):
 def test_value_chunks_score_as_plain_forwards_of_each_row(tokenizer, arch):
     """Each chunk's log-probs, δ at every row's subject token, equal a plain forward of the row's whole sequence:
     rows after one history (a shared batch-1 cache), rows that share only the system turn (one batch-1 cache of it,
-    extended by each row's own rest) and KL rows (no common lead), on every architecture."""
+    extended by each row's own rest) and KL rows with one prefix (the lead alone, per row), on every architecture."""
     from peft_persedit.editing.value_chunks import ValueRequest, make_chunks, value_rows
     from peft_persedit.editing.values import _AddDelta
 
