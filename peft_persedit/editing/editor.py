@@ -28,6 +28,7 @@ from .report import EditReport, PreferenceResult, StageTimer
 from .selftext import chat_turns, context_prefixes
 from .solve import solve_clusters
 from .statistics import LayerStats, layer_stats
+from .value_chunks import common_length
 from .values import ValueRequest, optimize_values
 from .verify import answer_questions, target_hit
 
@@ -302,7 +303,7 @@ class PersonalizationEditor:
     def _history_tokens(self, history: Sequence[tuple[str, str]]) -> int:
         """How many leading tokens every chat after ``history`` shares (whatever the question that follows)."""
         a, b = (encode(self.tokenizer, chat_text(self.tokenizer, q, history=history)) for q in ("a", "b"))
-        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return common_length([a, b])
 
     def _held(self, adapters: list[str], exclude: set[str]) -> list[tuple[str, Preference]]:
         """(adapter, preference) for what ``adapters`` already hold (before this edit), minus the ids in ``exclude``."""
