@@ -191,10 +191,10 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
                 done |= (nll < nll_stop) & step_greedy
             if bool(done.all()):
                 break
-            if full:  # most rows finished: regroup the others into full chunks (fewer, larger forwards)
+            if full and len(chunks) > 1:  # most rows finished: regroup the others into fuller chunks
                 finished = done.tolist()
                 live = [j for j, r in enumerate(rows) if not finished[r.owner]]
-                if len(chunks) > 1 and 2 * len(live) <= seats:
+                if 2 * len(live) <= seats:
                     hook.delta = hook.at = None
                     chunks, seats = make_chunks(peft_model, requests, rows, pad, batch_size, device, live), len(live)
             before = delta.detach().clone()
