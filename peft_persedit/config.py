@@ -97,6 +97,9 @@ class PersonalizationEditConfig(PeftConfig):
     value_rows_per_step: int = field(default=0, metadata={
         "help": "k > 0: most v* steps use only k of a preference's prompts (its question and k − 1 drawn at random), "
                 "every 5th step and the last all of them; cheaper steps. 0 = every prompt every step."})
+    value_warmup: bool = field(default=False, metadata={
+        "help": "Each preference first fits v* on its literal question alone (steps cost one of its prompts), and on "
+                "every prompt from the step after greedy decoding says its target there."})
     clamp_norm_factor: float = field(default=4.0, metadata={"help": "‖δ‖ ≤ factor · ‖v‖."})
     mom2: Literal["self", "none"] = field(
         default="self", metadata={"help": "Second moment C = E[k kᵀ] from self-generated text, or none."}

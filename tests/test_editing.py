@@ -282,6 +282,12 @@ def test_value_rows_per_step_reaches_the_value_steps(tokenizer, seen):
     assert seen.spy.options["rows_per_step"] == 2 and len(seen[0].prompts) == 3
 
 
+def test_value_warmup_reaches_the_value_steps(tokenizer, seen):
+    pm = tiny_pm(value_warmup=True)
+    PersonalizationEditor(pm, tokenizer, progress=False).edit(PREFS[1:2], verify=False)
+    assert seen.spy.options["warmup"] is True
+
+
 def test_request_templates_add_subject_requests_to_keys_and_values(tokenizer, seen):
     """request_templates=2: each cluster is also keyed on, and its δ fit on, the first two shipped requests about
     its subject ("Any recommendations related to my pet?", ...), after its own question."""

@@ -14,7 +14,10 @@ from peft_persedit.editing import PersonalizationEditor
 from peft_persedit.editing.chat import chat_text, encode, subject_token_index
 
 
-def test_value_chunk_subset_scores_its_rows_as_the_full_chunk_does(tokenizer):
+@pytest.mark.parametrize("frozen", [False, True])
+def test_value_chunk_subset_scores_its_rows_as_the_full_chunk_does(tokenizer, frozen):
+    from peft_persedit.editing.frozen_blocks import FrozenBlocks
+    from peft_persedit.editing.prefix_cache import decoder_of
     from peft_persedit.editing.value_chunks import Chunk, ValueRequest, value_rows
 
     pm = tiny_pm()
@@ -24,7 +27,9 @@ def test_value_chunk_subset_scores_its_rows_as_the_full_chunk_does(tokenizer):
         prompt = (encode(tokenizer, text), subject_token_index(tokenizer, text, pref.question, pref.subject))
         requests.append(ValueRequest([prompt], encode(tokenizer, pref.target), (encode(tokenizer, "pet is a"), 0)))
     rows = value_rows(requests, kl_weight=0.0625)
-    chunk = Chunk(pm, rows, list(range(len(rows))), 2, None, torch.device("cpu"))
+    blocks = FrozenBlocks(decoder_of(pm), edit_layers(pm)[0]) if frozen else None
+    chunk = Chunk(pm, rows, list(range(len(rows))), 2, None, torch.device("cpu"), blocks)
+    assert (chunk.frozen_output is not None) == frozen
     with torch.no_grad():
         full = chunk.log_probs(pm)
         keep = torch.tensor([r.owner != 1 for r in chunk.rows])
@@ -35,11 +40,15 @@ def test_value_chunk_subset_scores_its_rows_as_the_full_chunk_does(tokenizer):
         torch.testing.assert_close(chunk.log_probs(pm), full)  # the full chunk's prefix cache is untouched
 
 
+@pytest.mark.parametrize("frozen", [False, True])
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_value_chunks_score_as_plain_forwards_of_each_row(tokenizer, arch):
+def test_value_chunks_score_as_plain_forwards_of_each_row(tokenizer, arch, frozen):
     """Each chunk's log-probs, δ at every row's subject token, equal a plain forward of the row's whole sequence:
     rows after one history (a shared batch-1 cache), rows that share only the system turn (one batch-1 cache of it,
-    extended by each row's own rest) and KL rows with one prefix (the lead alone, per row), on every architecture."""
+    extended by each row's own rest) and KL rows with one prefix (the lead alone, per row), on every architecture;
+    also when the blocks below δ's layer replay the output captured when the chunk was built (``frozen``)."""
+    from peft_persedit.editing.frozen_blocks import FrozenBlocks
+    from peft_persedit.editing.prefix_cache import decoder_of
     from peft_persedit.editing.value_chunks import ValueRequest, make_chunks, value_rows
     from peft_persedit.editing.values import _AddDelta
 
@@ -58,7 +67,9 @@ def test_value_chunks_score_as_plain_forwards_of_each_row(tokenizer, arch):
         kl_prompt = (encode(tokenizer, "my pet is a"), len(encode(tokenizer, "my pet")) - 1)  # one lead, no rest
         requests.append(ValueRequest(prompts, encode(tokenizer, pref.target), kl_prompt, None, shared))
     rows = value_rows(requests, kl_weight=0.1)
-    chunks = make_chunks(pm, requests, rows, 2, 2, torch.device("cpu"))
+    blocks = FrozenBlocks(decoder_of(pm), layer) if frozen else None
+    assert not frozen or len(blocks.blocks) == 1
+    chunks = make_chunks(pm, requests, rows, 2, 2, torch.device("cpu"), frozen=blocks)
     kinds = {"shared" if c.shared else "lead + rest" if c.prefix_len > c.lead > 0 else "lead" if c.lead else "own"
              for c in chunks}
     assert kinds == {"shared", "lead + rest", "lead"}, kinds
@@ -177,6 +188,58 @@ def test_sampled_value_steps_equal_full_steps_when_k_covers_every_prompt(tokeniz
     assert seen == [False, True, False, True] and sampled.isfinite().all() and not torch.equal(sampled, every)
 
 
+def test_values_replaying_the_blocks_below_the_edit_layer_equal_running_them(tokenizer, monkeypatch):
+    """The value steps replay the output of the blocks below δ's layer (computed once per chunk) instead of running
+    them: the same δ as running every block on every step, and the blocks' own forward is back afterwards."""
+    from peft_persedit.editing import values
+    from peft_persedit.editing.frozen_blocks import FrozenBlocks
+
+    pm = tiny_pm()
+    layer = edit_layers(pm)[0]
+    requests = _multi_prompt_requests(tokenizer)
+    common = dict(steps=4, lr=0.5, nll_stop=-1.0, progress=False)
+    made = []
+    monkeypatch.setattr(values, "FrozenBlocks", lambda *a: made.append(FrozenBlocks(*a)) or made[-1])
+    replayed = values.optimize_values(pm, layer, requests, 2, **common).deltas
+    assert len(made[0].blocks) == 1 and all("forward" not in b.__dict__ for b in made[0].blocks)
+    monkeypatch.setattr(FrozenBlocks, "__bool__", lambda self: False)  # no block is frozen: all run every step
+    run = values.optimize_values(pm, layer, requests, 2, **common).deltas
+    torch.testing.assert_close(replayed, run, atol=1e-5, rtol=1e-4)
+
+
+def test_value_warmup_runs_the_bare_question_until_it_is_said_then_every_prompt(tokenizer, monkeypatch):
+    """warmup: a preference's steps run only its bare question and KL rows (counted as one target row) until greedy
+    says its target there with NLL < ε; from the next step on they run every row, and only such a step can finish
+    it. The last step runs every row of every preference, so each final NLL is over all its prompts."""
+    from peft_persedit.editing import values
+    from peft_persedit.editing.value_chunks import value_rows
+
+    pm = tiny_pm()
+    layer = edit_layers(pm)[0]
+    requests = _multi_prompt_requests(tokenizer)  # 3 preferences × (4 prompts + 1 KL row)
+    rows = value_rows(requests, kl_weight=0.0625)
+    alone = torch.tensor([r.is_kl or j == min(i for i, x in enumerate(rows) if x.owner == r.owner)
+                          for j, r in enumerate(rows)])
+    backward, steps = values._backward, []
+
+    def first_says_it_at_once(*args, **kwargs):  # preference 0's bare question is said from the first step
+        steps.append((args[6].tolist(), None if args[7] is None else args[7].tolist()))
+        nll, greedy = backward(*args, **kwargs)
+        first = torch.arange(3) == 0
+        return torch.where(first, 0.0, nll), greedy | first
+
+    monkeypatch.setattr(values, "_backward", first_says_it_at_once)
+    result = values.optimize_values(pm, layer, requests, 2, steps=4, lr=0.5, nll_stop=0.1, progress=False,
+                                    warmup=True)
+    owner = torch.tensor([r.owner for r in rows])
+    assert steps[0] == ([1.0, 1.0, 1.0], alone.tolist())
+    assert steps[1] == ([4.0, 1.0, 1.0], (alone | (owner == 0)).tolist())  # preference 0: every row
+    assert steps[3] == ([4.0, 4.0, 4.0], None)  # the last step: every row of every preference
+    assert result.final_nll[0] == 0.0 and result.final_nll.isfinite().all()
+    quiet = values.optimize_values(pm, layer, requests, 2, steps=4, lr=0.5, nll_stop=0.1, progress=False)
+    assert not torch.equal(quiet.deltas, result.deltas)
+
+
 def test_value_rows_of_unfinished_preferences_are_regrouped_when_most_rows_are_finished(tokenizer, monkeypatch):
     """Once at most half of the chunks' rows are unfinished, those rows are regrouped into new, fuller chunks (one
     forward per chunk instead of many near-empty ones); δ is what the chunks of every row give."""
@@ -194,11 +257,11 @@ def test_value_rows_of_unfinished_preferences_are_regrouped_when_most_rows_are_f
     monkeypatch.setattr(values, "_backward", first_two_finish_at_once)
     grouped, built = [], []
 
-    def chunks(*args, regroup: bool = True):
+    def chunks(*args, regroup: bool = True, **kwargs):
         grouped.append(args[6:])
         if args[6:] and not regroup:  # keep the chunks of every row (the finished ones are skipped in each step)
             return built[0]
-        built.append(chunked(*args))
+        built.append(chunked(*args, **kwargs))
         return built[-1]
 
     common = dict(steps=4, lr=0.5, nll_stop=0.25, progress=False, batch_size=2)
@@ -207,7 +270,7 @@ def test_value_rows_of_unfinished_preferences_are_regrouped_when_most_rows_are_f
     assert grouped == [(), ([10, 11, 12, 13, 14],)]  # 8 chunks of 15 rows, then preference 2's 5 rows in 3
     assert len(built[0]) == 8 and len(built[1]) == 3
     grouped.clear(), built.clear()
-    monkeypatch.setattr(values, "make_chunks", lambda *args: chunks(*args, regroup=False))
+    monkeypatch.setattr(values, "make_chunks", lambda *args, **kwargs: chunks(*args, regroup=False, **kwargs))
     kept = values.optimize_values(pm, layer, requests, 2, **common).deltas
     assert grouped == [(), ([10, 11, 12, 13, 14],)] and len(built) == 1
     torch.testing.assert_close(small, kept, atol=1e-5, rtol=1e-4)

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..peft_type import BASE_ADAPTER
 from .chat import pad_batch
+from .frozen_blocks import FrozenBlocks, select_rows
 from .prefix_cache import cache_argument, decoder_of, repeated
 
 
@@ -76,10 +77,12 @@ def value_rows(requests: list[ValueRequest], kl_weight: float = 0.0, continuatio
 class Chunk:
     """A fixed batch of rows with its prefix cache (right-padded suffixes). The leading tokens every row's prefix
     starts with (the chat template's system turn) run once at batch size 1; rows that all share one prefix keep
-    that batch-1 cache, repeated per forward (``shared``), the others extend it with their own, left-padded rest."""
+    that batch-1 cache, repeated per forward (``shared``), the others extend it with their own, left-padded rest.
+    With ``frozen`` (the blocks below δ's layer), their output on the suffix is computed here once and replayed by
+    every :meth:`log_probs`."""
 
     def __init__(self, model: nn.Module, rows: list[Row], index: list[int], pad: int, adapters: list[str] | None,
-                 device: torch.device) -> None:
+                 device: torch.device, frozen: FrozenBlocks | None = None) -> None:
         self.index = index
         self.rows = [rows[i] for i in index]
         self.adapters = adapters
@@ -123,6 +126,8 @@ class Chunk:
                                   position_ids=self.prefix_positions[:, lead:], use_cache=True,
                                   **{cache_argument(type(decoder)): self.cache})
                 self.cache = getattr(out, cache_argument(type(decoder)))
+        self.frozen = frozen if frozen else None
+        self.frozen_output = self.frozen.capture(lambda: self._forward(model)) if self.frozen else None
 
     def subset(self, keep: torch.Tensor) -> Chunk:
         """The same chunk restricted to the rows where ``keep`` [rows] is True (prefix cache rows selected)."""
@@ -137,19 +142,27 @@ class Chunk:
         flat = keep[self.flat_rows]
         part.flat_rows = torch.cumsum(keep.long(), 0)[self.flat_rows][flat] - 1  # renumbered rows
         part.flat_pos, part.labels = self.flat_pos[flat], self.labels[flat]
+        if self.frozen_output is not None:
+            part.frozen_output = select_rows(self.frozen_output, rows)
         if self.cache is not None and not self.shared:
             part.cache = copy.deepcopy(self.cache)
             part.cache.batch_select_indices(rows)
         return part
 
-    def log_probs(self, model: nn.Module) -> torch.Tensor:
-        """log P at the scored positions, running only the suffix on top of the cached prefix."""
-        # the forward appends the suffix to the cache; keep the prefix pristine
+    def _forward(self, model: nn.Module) -> torch.Tensor:
+        """The decoder's last hidden states on the suffix, on a copy of the prefix cache (the forward appends to the
+        cache it is given; the prefix stays pristine)."""
         cache = None if self.cache is None else repeated(self.cache, len(self.rows) if self.shared else 1)
         decoder = decoder_of(model)
         with routing(model, self.adapters):
-            hidden = decoder(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions,
-                             use_cache=cache is not None, **{cache_argument(type(decoder)): cache}).last_hidden_state
+            return decoder(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions,
+                           use_cache=cache is not None, **{cache_argument(type(decoder)): cache}).last_hidden_state
+
+    def log_probs(self, model: nn.Module) -> torch.Tensor:
+        """log P at the scored positions, running only the suffix on top of the cached prefix (and only the blocks
+        from δ's layer up, when the frozen blocks' output is known)."""
+        with nullcontext() if self.frozen_output is None else self.frozen.replay(self.frozen_output):
+            hidden = self._forward(model)
         head = model.get_base_model().get_output_embeddings()
         return torch.log_softmax(head(hidden[self.flat_rows, self.flat_pos]).float(), dim=-1)
 
@@ -189,7 +202,8 @@ def routing(model: nn.Module, adapters: list[str] | None):
 
 
 def make_chunks(peft_model: nn.Module, requests: list[ValueRequest], rows: list[Row], pad: int, batch_size: int,
-                device: torch.device, only: list[int] | None = None) -> list[Chunk]:
+                device: torch.device, only: list[int] | None = None, frozen: FrozenBlocks | None = None
+                ) -> list[Chunk]:
     """Rows (those in ``only``, when given) grouped by shared prefix (each group on one cache, computed through the
     group's adapter) and the others by their prefix's first token (those starting with the system turn apart from
     the KL prompts), sorted by (suffix, prefix) length within a group, in chunks of ``batch_size``: similar lengths
@@ -206,5 +220,5 @@ def make_chunks(peft_model: nn.Module, requests: list[ValueRequest], rows: list[
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
             adapters = [requests[rows[i].owner].adapter or BASE_ADAPTER for i in index] if routed else None
-            chunks.append(Chunk(peft_model, rows, index, pad, adapters, device))
+            chunks.append(Chunk(peft_model, rows, index, pad, adapters, device, frozen))
     return chunks

@@ -18,6 +18,9 @@ greedy tokens after prompt 0 + y, computed without δ), a further KL row adds
 
 so that an edit strong enough to hold after many chat turns does not derail the rest of the answer.
 
+With ``warmup``, each preference first fits δ_i on its bare question (and its KL rows) alone, a step costing one
+of its prompts; from the step after its question is said (greedy, NLL < ε) on, every prompt counts.
+
 With ``rows_per_step`` = k, most steps are stochastic over prompts: each preference's loss is the mean over its
 bare question and k − 1 of its other prompts drawn afresh (step cost ∝ k instead of its number of prompts); every
 ``full_every``-th step and the last use every prompt and decide when a preference is finished.
@@ -31,6 +34,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .frozen_blocks import FrozenBlocks
+from .prefix_cache import decoder_of
 from .value_chunks import Chunk, Row, ValueRequest, make_chunks, value_rows
 
 
@@ -65,10 +70,13 @@ class _AddDelta:
 
 
 def _record(chunk: Chunk, original: torch.Tensor, logp: torch.Tensor, norms: torch.Tensor,
-            kl_reference: dict[int, torch.Tensor]) -> None:
-    """From a forward of ``chunk`` without δ (or with δ = 0): ‖v_i‖ = max over i's rows of the original output's
-    norm (into ``norms``), and log P at each KL row's positions (into ``kl_reference``)."""
+            kl_reference: dict[int, torch.Tensor] | None) -> None:
+    """From a forward of ``chunk``: ‖v_i‖ = max over i's rows of the original output's norm (into ``norms``; the
+    output at δ's own position never depends on δ); and, when the forward ran without δ (or with δ = 0) and
+    ``kl_reference`` is given, log P at each KL row's positions (into it)."""
     norms.scatter_reduce_(0, chunk.owner, original.norm(dim=-1), "amax")
+    if kl_reference is None:
+        return
     offset = 0
     for j, r in enumerate(chunk.rows):
         offset += len(r.loss_pos)
@@ -111,11 +119,11 @@ def sampled_rows(rows: list[Row], targets: dict[int, list[int]], count: int, gen
 
 def _backward(peft_model: nn.Module, hook: _AddDelta, chunks: list[Chunk], delta: torch.Tensor, done: torch.Tensor,
               kl_reference: dict[int, torch.Tensor], per_owner: torch.Tensor, use: torch.Tensor | None = None,
-              norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              norms: torch.Tensor | None = None, first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One step's gradient of Σ_i (mean NLL_i + λ_KL KL_i + λ_c KL_c,i) over the unfinished preferences' rows (only
     the rows in ``use``, when given; ``per_owner`` counts each preference's target rows among them); returns
-    (NLL [n], greedy reproduces every target [n]) over those rows. With ``norms`` (the first step, δ = 0, every
-    row), each chunk's forward is also recorded as the reference (:func:`_record`) before its losses."""
+    (NLL [n], greedy reproduces every target [n]) over those rows. With ``norms``, each chunk's forward also updates
+    ‖v_i‖, and on the ``first`` step (δ = 0) it is recorded as the KL reference (:func:`_record`)."""
     n = delta.shape[0]
     step_nll = torch.zeros(n, device=delta.device)
     step_greedy = torch.ones(n, dtype=torch.bool, device=delta.device)
@@ -129,7 +137,7 @@ def _backward(peft_model: nn.Module, hook: _AddDelta, chunks: list[Chunk], delta
         hook.delta, hook.owner, hook.at = delta, chunk.owner, chunk.at
         logp = chunk.log_probs(peft_model)
         if norms is not None:
-            _record(chunk, hook.original, logp, norms, kl_reference)
+            _record(chunk, hook.original, logp, norms, kl_reference if first else None)
         losses, greedy = chunk.losses(logp, kl_reference)
         missed = torch.zeros(n, dtype=torch.long, device=delta.device).index_add(0, chunk.owner, (~greedy).long())
         step_greedy &= missed == 0
@@ -145,13 +153,16 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
                     steps: int = 25, lr: float = 0.5, kl_weight: float = 0.0625, weight_decay: float = 1e-3,
                     clamp_norm_factor: float = 4.0, nll_stop: float = 0.25, batch_size: int = 32,
                     progress: bool = True, span: int = 1, continuation_weight: float = 0.0,
-                    rows_per_step: int = 0, full_every: int = 5) -> ValueResult:
+                    rows_per_step: int = 0, full_every: int = 5, warmup: bool = False) -> ValueResult:
     """Optimize δ_i for every request jointly (see module docstring). ``module`` = the edit layer; δ_i is
     added at the first ``span`` tokens from each prompt's index (1: the subject token).
 
     ``rows_per_step`` = k > 0: a step uses, per preference, only k of its prompts (:func:`sampled_rows`: the bare
     question and k − 1 drawn at random; stochastic gradient over prompts), except every ``full_every``-th step
-    and the last, which use all of them and alone decide when a preference is finished."""
+    and the last, which use all of them and alone decide when a preference is finished.
+
+    ``warmup``: a preference runs only its bare question and KL rows until greedy decoding says its target there
+    with NLL < ``nll_stop``; from the next step (and on the last) all its rows, and only then can it finish."""
     device = next(peft_model.parameters()).device
     rows = value_rows(requests, kl_weight, continuation_weight)
     n = len(requests)
@@ -160,7 +171,8 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
     flags = [p.requires_grad for p in peft_model.parameters()]
     peft_model.requires_grad_(False)
     try:
-        chunks = make_chunks(peft_model, requests, rows, pad, batch_size, device)
+        frozen = FrozenBlocks(decoder_of(peft_model), module)  # below δ: run once per chunk
+        chunks = make_chunks(peft_model, requests, rows, pad, batch_size, device, frozen=frozen)
         seats = len(rows)  # rows the chunks hold
         norms, kl_reference = torch.zeros(n, device=device), {}
 
@@ -177,18 +189,28 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
         every = torch.tensor([len(targets.get(i, ())) for i in range(n)], device=device).clamp(min=1).float()
         sampled = every.clamp(max=max(rows_per_step, 1))  # target rows per preference in a sampled step
         generator = torch.Generator().manual_seed(0)
+        row_owner = torch.tensor([r.owner for r in rows], dtype=torch.long, device=device)
+        alone = torch.tensor([r.is_kl for r in rows], device=device)  # the rows a warming preference runs
+        alone[[first for first, *_ in targets.values()]] = True
+        warm = torch.full((n,), warmup, dtype=torch.bool, device=device)
         for step in tqdm(range(steps), desc="values δ*", disable=not progress, leave=False):
             optimizer.zero_grad()
             full = is_full(step)
             use = None if full else sampled_rows(rows, targets, rows_per_step, generator)
-            per_owner = every if full else sampled
+            if step == steps - 1:
+                warm[:] = False
+            if bool(warm.any()):
+                narrow = alone | ~warm[row_owner]
+                use = narrow if use is None else use & narrow
+            per_owner = torch.where(warm, 1.0, every if full else sampled)
             step_nll, step_greedy = _backward(peft_model, hook, chunks, delta, done, kl_reference, per_owner, use,
-                                              norms=norms if step == 0 and full else None)
+                                              norms=norms, first=step == 0)
             decay = weight_decay * delta.pow(2).sum(-1) / norms.pow(2).clamp(min=1e-8)
             decay.sum().backward()
             if full:  # only a step over every prompt can finish a preference
-                nll = torch.where(done, nll, step_nll)
-                done |= (nll < nll_stop) & step_greedy
+                nll = torch.where(done | warm, nll, step_nll)
+                done |= ~warm & (nll < nll_stop) & step_greedy
+            warm &= ~((step_nll < nll_stop) & step_greedy)  # its question is said: every row from the next step
             if bool(done.all()):
                 break
             if full and len(chunks) > 1:  # most rows finished: regroup the others into fuller chunks
@@ -196,7 +218,8 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
                 live = [j for j, r in enumerate(rows) if not finished[r.owner]]
                 if 2 * len(live) <= seats:
                     hook.delta = hook.at = None
-                    chunks, seats = make_chunks(peft_model, requests, rows, pad, batch_size, device, live), len(live)
+                    chunks, seats = make_chunks(peft_model, requests, rows, pad, batch_size, device, live,
+                                                  frozen=frozen), len(live)
             before = delta.detach().clone()
             optimizer.step()
             with torch.no_grad():
