@@ -97,9 +97,9 @@ class PersonalizationEditConfig(PeftConfig):
     value_rows_per_step: int = field(default=0, metadata={
         "help": "k > 0: most v* steps use only k of a preference's prompts (its question and k − 1 drawn at random), "
                 "every 5th step and the last all of them; cheaper steps. 0 = every prompt every step."})
-    value_warmup: bool = field(default=False, metadata={
-        "help": "Each preference first fits v* on its literal question alone (steps cost one of its prompts), and on "
-                "every prompt from the step after greedy decoding says its target there."})
+    value_warmup_steps: int = field(default=0, metadata={
+        "help": "w > 0: in the first w v* steps a preference fits its literal question alone (a step costs one of "
+                "its prompts) until greedy decoding says its target there; then every prompt. 0: all prompts at once."})
     clamp_norm_factor: float = field(default=4.0, metadata={"help": "‖δ‖ ≤ factor · ‖v‖."})
     mom2: Literal["self", "none"] = field(
         default="self", metadata={"help": "Second moment C = E[k kᵀ] from self-generated text, or none."}

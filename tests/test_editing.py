@@ -283,9 +283,9 @@ def test_value_rows_per_step_reaches_the_value_steps(tokenizer, seen):
 
 
 def test_value_warmup_reaches_the_value_steps(tokenizer, seen):
-    pm = tiny_pm(value_warmup=True)
+    pm = tiny_pm(value_warmup_steps=6)
     PersonalizationEditor(pm, tokenizer, progress=False).edit(PREFS[1:2], verify=False)
-    assert seen.spy.options["warmup"] is True
+    assert seen.spy.options["warmup"] == 6
 
 
 def test_request_templates_add_subject_requests_to_keys_and_values(tokenizer, seen):

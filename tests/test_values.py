@@ -73,6 +73,8 @@ def test_value_chunks_score_as_plain_forwards_of_each_row(tokenizer, arch, froze
     kinds = {"shared" if c.shared else "lead + rest" if c.prefix_len > c.lead > 0 else "lead" if c.lead else "own"
              for c in chunks}
     assert kinds == {"shared", "lead + rest", "lead"}, kinds
+    shared = [c for c in chunks if c.shared]  # the rows after the history, 2 per chunk: one cache of it for all
+    assert len(shared) > 1 and all(c.cache is shared[0].cache for c in shared)
     delta = torch.randn(len(PREFS), layer.out_features)
     hook = _AddDelta()
     handle = layer.register_forward_hook(hook)
@@ -208,9 +210,10 @@ def test_values_replaying_the_blocks_below_the_edit_layer_equal_running_them(tok
 
 
 def test_value_warmup_runs_the_bare_question_until_it_is_said_then_every_prompt(tokenizer, monkeypatch):
-    """warmup: a preference's steps run only its bare question and KL rows (counted as one target row) until greedy
-    says its target there with NLL < ε; from the next step on they run every row, and only such a step can finish
-    it. The last step runs every row of every preference, so each final NLL is over all its prompts."""
+    """warmup = w: a preference's first steps run only its bare question and KL rows (counted as one target row)
+    until greedy says its target there with NLL < ε; from the next step on they run every row, and only such a step
+    can finish it. From step w, and on the last step, every row of every preference runs, so each final NLL is over
+    all its prompts."""
     from peft_persedit.editing import values
     from peft_persedit.editing.value_chunks import value_rows
 
@@ -229,15 +232,18 @@ def test_value_warmup_runs_the_bare_question_until_it_is_said_then_every_prompt(
         return torch.where(first, 0.0, nll), greedy | first
 
     monkeypatch.setattr(values, "_backward", first_says_it_at_once)
-    result = values.optimize_values(pm, layer, requests, 2, steps=4, lr=0.5, nll_stop=0.1, progress=False,
-                                    warmup=True)
+    common = dict(steps=4, lr=0.5, nll_stop=0.1, progress=False)
+    result = values.optimize_values(pm, layer, requests, 2, warmup=9, **common)
     owner = torch.tensor([r.owner for r in rows])
     assert steps[0] == ([1.0, 1.0, 1.0], alone.tolist())
     assert steps[1] == ([4.0, 1.0, 1.0], (alone | (owner == 0)).tolist())  # preference 0: every row
     assert steps[3] == ([4.0, 4.0, 4.0], None)  # the last step: every row of every preference
     assert result.final_nll[0] == 0.0 and result.final_nll.isfinite().all()
-    quiet = values.optimize_values(pm, layer, requests, 2, steps=4, lr=0.5, nll_stop=0.1, progress=False)
+    quiet = values.optimize_values(pm, layer, requests, 2, **common)
     assert not torch.equal(quiet.deltas, result.deltas)
+    steps.clear()
+    values.optimize_values(pm, layer, requests, 2, warmup=1, **common)  # every row from step 1 on
+    assert steps[0][1] == alone.tolist() and [use for _, use in steps[1:]] == [None] * 3
 
 
 def test_value_rows_of_unfinished_preferences_are_regrouped_when_most_rows_are_finished(tokenizer, monkeypatch):

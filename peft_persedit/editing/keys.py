@@ -75,7 +75,8 @@ def layer_inputs(model: nn.Module, modules: Sequence[nn.Module], sequences: list
     """Inputs of each module in ``modules`` for token ``positions[i]`` of ``sequences[i]`` ([N, d_in] each).
 
     ``positions=None`` returns every (non-pad) token of every sequence instead. The forward pass stops
-    after the last module (layers above it are never run). ``shared[i]`` = how many leading tokens sequence i
+    after the last module (layers above it are never run), and sequences end at their position (the tokens after it
+    cannot change its inputs). ``shared[i]`` = how many leading tokens sequence i
     shares with others (the chat template's system turn, earlier chat turns; capped at ``positions[i]``): sequences
     with the same leading tokens run on one cache of them (:mod:`.prefix_cache`), computed once.
     """
@@ -102,7 +103,8 @@ def layer_inputs(model: nn.Module, modules: Sequence[nn.Module], sequences: list
         for prefix, batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
             order += batch
             cut = len(prefix)
-            ids, mask = pad_batch([sequences[i][cut:] for i in batch], pad)
+            end = [len(sequences[i]) if positions is None else positions[i] + 1 for i in batch]  # causal: no later
+            ids, mask = pad_batch([sequences[i][cut:stop] for i, stop in zip(batch, end)], pad)  # token is needed
             state["mask"] = mask.bool().to(device)
             if positions is not None:
                 state["pos"] = torch.tensor([positions[i] - cut for i in batch], device=device)

@@ -79,10 +79,11 @@ class Chunk:
     starts with (the chat template's system turn) run once at batch size 1; rows that all share one prefix keep
     that batch-1 cache, repeated per forward (``shared``), the others extend it with their own, left-padded rest.
     With ``frozen`` (the blocks below δ's layer), their output on the suffix is computed here once and replayed by
-    every :meth:`log_probs`."""
+    every :meth:`log_probs`. ``leads`` keeps the batch-1 caches of leads already computed (by lead tokens and
+    adapter), shared by the chunks of one :func:`make_chunks` call."""
 
     def __init__(self, model: nn.Module, rows: list[Row], index: list[int], pad: int, adapters: list[str] | None,
-                 device: torch.device, frozen: FrozenBlocks | None = None) -> None:
+                 device: torch.device, frozen: FrozenBlocks | None = None, leads: dict | None = None) -> None:
         self.index = index
         self.rows = [rows[i] for i in index]
         self.adapters = adapters
@@ -113,11 +114,15 @@ class Chunk:
         decoder = decoder_of(model)
         with torch.no_grad():
             if lead:
-                with routing(model, adapters[:1] if adapters else None):
-                    out = decoder(input_ids=torch.tensor([self.rows[0].prefix[:lead]], device=device),
-                                  attention_mask=self.mask[:1, :lead], position_ids=self.prefix_positions[:1, :lead],
-                                  use_cache=True)
-                self.cache = getattr(out, cache_argument(type(decoder)))
+                key = (tuple(self.rows[0].prefix[:lead]), adapters[0] if adapters else None)
+                leads = {} if leads is None else leads
+                if key not in leads:  # the lead's positions are 0 … lead − 1 (no padding)
+                    with routing(model, adapters[:1] if adapters else None):
+                        out = decoder(input_ids=torch.tensor([list(key[0])], device=device),
+                                      attention_mask=self.mask[:1, :lead],
+                                      position_ids=self.prefix_positions[:1, :lead], use_cache=True)
+                    leads[key] = getattr(out, cache_argument(type(decoder)))
+                self.cache = leads[key]  # never appended to: every forward runs on a copy
                 if not self.shared:
                     self.cache = repeated(self.cache, count)
             if rest_ids.shape[1]:
@@ -214,11 +219,11 @@ def make_chunks(peft_model: nn.Module, requests: list[ValueRequest], rows: list[
         row = rows[i]
         key = (tuple(row.prefix), requests[row.owner].adapter) if row.shared else (None, *row.prefix[:1])
         groups.setdefault(key, []).append(i)
-    chunks = []
+    chunks, leads = [], {}
     for members in groups.values():
         order = sorted(members, key=lambda r: (len(rows[r].suffix), len(rows[r].prefix)))
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
             adapters = [requests[rows[i].owner].adapter or BASE_ADAPTER for i in index] if routed else None
-            chunks.append(Chunk(peft_model, rows, index, pad, adapters, device, frozen))
+            chunks.append(Chunk(peft_model, rows, index, pad, adapters, device, frozen, leads))
     return chunks

@@ -18,8 +18,8 @@ greedy tokens after prompt 0 + y, computed without δ), a further KL row adds
 
 so that an edit strong enough to hold after many chat turns does not derail the rest of the answer.
 
-With ``warmup``, each preference first fits δ_i on its bare question (and its KL rows) alone, a step costing one
-of its prompts; from the step after its question is said (greedy, NLL < ε) on, every prompt counts.
+With ``warmup`` = w, each preference first fits δ_i on its bare question (and its KL rows) alone, a step costing
+one of its prompts; from the step after its question is said (greedy, NLL < ε), or from step w, every prompt counts.
 
 With ``rows_per_step`` = k, most steps are stochastic over prompts: each preference's loss is the mean over its
 bare question and k − 1 of its other prompts drawn afresh (step cost ∝ k instead of its number of prompts); every
@@ -153,7 +153,7 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
                     steps: int = 25, lr: float = 0.5, kl_weight: float = 0.0625, weight_decay: float = 1e-3,
                     clamp_norm_factor: float = 4.0, nll_stop: float = 0.25, batch_size: int = 32,
                     progress: bool = True, span: int = 1, continuation_weight: float = 0.0,
-                    rows_per_step: int = 0, full_every: int = 5, warmup: bool = False) -> ValueResult:
+                    rows_per_step: int = 0, full_every: int = 5, warmup: int = 0) -> ValueResult:
     """Optimize δ_i for every request jointly (see module docstring). ``module`` = the edit layer; δ_i is
     added at the first ``span`` tokens from each prompt's index (1: the subject token).
 
@@ -161,8 +161,9 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
     question and k − 1 drawn at random; stochastic gradient over prompts), except every ``full_every``-th step
     and the last, which use all of them and alone decide when a preference is finished.
 
-    ``warmup``: a preference runs only its bare question and KL rows until greedy decoding says its target there
-    with NLL < ``nll_stop``; from the next step (and on the last) all its rows, and only then can it finish."""
+    ``warmup`` = w > 0: in the first w steps a preference runs only its bare question and KL rows until greedy
+    decoding says its target there with NLL < ``nll_stop``; from the next step (from step w, and on the last) all
+    its rows, and only then can it finish."""
     device = next(peft_model.parameters()).device
     rows = value_rows(requests, kl_weight, continuation_weight)
     n = len(requests)
@@ -192,12 +193,12 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
         row_owner = torch.tensor([r.owner for r in rows], dtype=torch.long, device=device)
         alone = torch.tensor([r.is_kl for r in rows], device=device)  # the rows a warming preference runs
         alone[[first for first, *_ in targets.values()]] = True
-        warm = torch.full((n,), warmup, dtype=torch.bool, device=device)
+        warm = torch.full((n,), warmup > 0, dtype=torch.bool, device=device)
         for step in tqdm(range(steps), desc="values δ*", disable=not progress, leave=False):
             optimizer.zero_grad()
             full = is_full(step)
             use = None if full else sampled_rows(rows, targets, rows_per_step, generator)
-            if step == steps - 1:
+            if step >= warmup or step == steps - 1:
                 warm[:] = False
             if bool(warm.any()):
                 narrow = alone | ~warm[row_owner]
