@@ -211,7 +211,7 @@ def test_values_replaying_the_blocks_below_the_edit_layer_equal_running_them(tok
 
 def test_value_warmup_runs_the_bare_question_until_it_is_said_then_every_prompt(tokenizer, monkeypatch):
     """warmup = w: a preference's first steps run only its bare question and KL rows (counted as one target row)
-    until greedy says its target there with NLL < ε; from the next step on they run every row, and only such a step
+    until greedy decoding says its target there; from the next step on they run every row, and only such a step
     can finish it. From step w, and on the last step, every row of every preference runs, so each final NLL is over
     all its prompts."""
     from peft_persedit.editing import values

@@ -19,7 +19,7 @@ greedy tokens after prompt 0 + y, computed without δ), a further KL row adds
 so that an edit strong enough to hold after many chat turns does not derail the rest of the answer.
 
 With ``warmup`` = w, each preference first fits δ_i on its bare question (and its KL rows) alone, a step costing
-one of its prompts; from the step after its question is said (greedy, NLL < ε), or from step w, every prompt counts.
+one of its prompts; from the step after greedy decoding says its target there, or from step w, every prompt counts.
 
 With ``rows_per_step`` = k, most steps are stochastic over prompts: each preference's loss is the mean over its
 bare question and k − 1 of its other prompts drawn afresh (step cost ∝ k instead of its number of prompts); every
@@ -162,8 +162,8 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
     and the last, which use all of them and alone decide when a preference is finished.
 
     ``warmup`` = w > 0: in the first w steps a preference runs only its bare question and KL rows until greedy
-    decoding says its target there with NLL < ``nll_stop``; from the next step (from step w, and on the last) all
-    its rows, and only then can it finish."""
+    decoding says its target there; from the next step (from step w, and on the last) all its rows, and only then
+    can it finish."""
     device = next(peft_model.parameters()).device
     rows = value_rows(requests, kl_weight, continuation_weight)
     n = len(requests)
@@ -211,7 +211,7 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
             if full:  # only a step over every prompt can finish a preference
                 nll = torch.where(done | warm, nll, step_nll)
                 done |= ~warm & (nll < nll_stop) & step_greedy
-            warm &= ~((step_nll < nll_stop) & step_greedy)  # its question is said: every row from the next step
+            warm &= ~step_greedy  # its question is said: every row from the next step
             if bool(done.all()):
                 break
             if full and len(chunks) > 1:  # most rows finished: regroup the others into fuller chunks
