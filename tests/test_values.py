@@ -209,6 +209,29 @@ def test_values_replaying_the_blocks_below_the_edit_layer_equal_running_them(tok
     torch.testing.assert_close(replayed, run, atol=1e-5, rtol=1e-4)
 
 
+def test_frozen_blocks_replay_their_output_and_restore_each_blocks_own_forward():
+    """Within replay() the blocks below the edit layer return the captured output without running; afterwards each
+    block's forward is what it was, including one set on the instance (as accelerate's hooks do)."""
+    from peft_persedit.editing.frozen_blocks import FrozenBlocks
+    from peft_persedit.editing.prefix_cache import decoder_of
+
+    pm = tiny_pm()
+    blocks = FrozenBlocks(decoder_of(pm), edit_layers(pm)[0])
+    own = blocks.blocks[0].forward
+    blocks.blocks[0].forward = wrapped = lambda *args, **kwargs: own(*args, **kwargs)
+    ids = torch.tensor([[5, 6, 7]])
+    output = blocks.capture(lambda: decoder_of(pm)(input_ids=ids))
+    hidden = output if isinstance(output, torch.Tensor) else output[0]
+    assert hidden.shape[:2] == (1, 3)
+    with blocks.replay(output):
+        assert blocks.blocks[0]() is output
+    assert blocks.blocks[0].forward is wrapped
+    del blocks.blocks[0].forward
+    with blocks.replay(output):
+        pass
+    assert "forward" not in blocks.blocks[0].__dict__
+
+
 def test_value_warmup_runs_the_bare_question_until_it_is_said_then_every_prompt(tokenizer, monkeypatch):
     """warmup = w: a preference's first steps run only its bare question and KL rows (counted as one target row)
     until greedy decoding says its target there; from the next step on they run every row, and only such a step
