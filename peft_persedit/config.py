@@ -97,7 +97,7 @@ class PersonalizationEditConfig(PeftConfig):
     value_rows_per_step: int = field(default=0, metadata={
         "help": "k > 0: most v* steps use only k of a preference's prompts (its question and k − 1 drawn at random), "
                 "every 5th step and the last all of them; cheaper steps. 0 = every prompt every step."})
-    value_warmup_steps: int = field(default=10, metadata={
+    value_warmup_steps: int = field(default=0, metadata={
         "help": "w > 0: in the first w v* steps a preference fits its literal question alone (a step costs one of "
                 "its prompts) until greedy decoding says its target there; then every prompt. 0: all prompts at once."})
     clamp_norm_factor: float = field(default=4.0, metadata={"help": "‖δ‖ ≤ factor · ‖v‖."})
