@@ -82,3 +82,18 @@ def tiny_pm(**config) -> PeftModel:
     cfg = dict(layers_to_transform=[1], synonyms=0, contexts=1, value_steps=3, mom2="none")
     cfg.update(config)
     return get_peft_model(make_tiny_model("llama"), PersonalizationEditConfig(**cfg)).eval()
+
+
+def multi_prompt_requests(tokenizer, prompts_per_pref: int = 4) -> list:
+    """One request per PREFS entry with its question in ``prompts_per_pref`` context variants and a KL prompt."""
+    from peft_persedit.editing.chat import chat_text, encode, subject_token_index
+    from peft_persedit.editing.value_chunks import ValueRequest
+
+    requests = []
+    for pref in PREFS:
+        prompts = []
+        for context in ["", "Quick one.", "Hello!", "Be brief.", "Thanks."][:prompts_per_pref]:
+            text = chat_text(tokenizer, f"{context} {pref.question}".strip())
+            prompts.append((encode(tokenizer, text), subject_token_index(tokenizer, text, pref.question, pref.subject)))
+        requests.append(ValueRequest(prompts, encode(tokenizer, pref.target), (encode(tokenizer, "pet is a"), 0)))
+    return requests

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import PREFS, edit_layers, tiny_pm
+from helpers import PREFS, edit_layers, multi_prompt_requests, tiny_pm
 from peft import get_peft_model
 from tiny_models import TINY_ARCHS, make_tiny_model
 
@@ -138,27 +138,13 @@ def test_value_chunk_losses_equal_a_row_by_row_computation(tokenizer):
     torch.testing.assert_close(grad, expected_grad)
 
 
-def _multi_prompt_requests(tokenizer, prompts_per_pref: int = 4):
-    """One request per PREFS entry with its question in ``prompts_per_pref`` context variants and a KL prompt."""
-    from peft_persedit.editing.value_chunks import ValueRequest
-
-    requests = []
-    for pref in PREFS:
-        prompts = []
-        for context in ["", "Quick one.", "Hello!", "Be brief.", "Thanks."][:prompts_per_pref]:
-            text = chat_text(tokenizer, f"{context} {pref.question}".strip())
-            prompts.append((encode(tokenizer, text), subject_token_index(tokenizer, text, pref.question, pref.subject)))
-        requests.append(ValueRequest(prompts, encode(tokenizer, pref.target), (encode(tokenizer, "pet is a"), 0)))
-    return requests
-
-
 def test_sampled_value_steps_use_the_question_and_k_minus_1_drawn_prompts(tokenizer):
     """rows_per_step=k: a sampled step keeps each preference's bare question, k − 1 of its other prompts (drawn
     afresh) and its KL row."""
     from peft_persedit.editing.value_chunks import value_rows
     from peft_persedit.editing.values import sampled_rows, target_rows
 
-    rows = value_rows(_multi_prompt_requests(tokenizer), kl_weight=0.0625)
+    rows = value_rows(multi_prompt_requests(tokenizer), kl_weight=0.0625)
     generator = torch.Generator().manual_seed(0)
     draws = [sampled_rows(rows, target_rows(rows), 2, generator) for _ in range(8)]
     for use in draws:
@@ -179,7 +165,7 @@ def test_sampled_value_steps_equal_full_steps_when_k_covers_every_prompt(tokeniz
 
     pm = tiny_pm()
     layer = edit_layers(pm)[0]
-    requests = _multi_prompt_requests(tokenizer)
+    requests = multi_prompt_requests(tokenizer)
     common = dict(steps=4, lr=0.5, nll_stop=-1.0, progress=False)  # nll_stop < 0: nobody finishes early
     every = values.optimize_values(pm, layer, requests, 2, **common).deltas
     covered = values.optimize_values(pm, layer, requests, 2, rows_per_step=4, **common).deltas
@@ -188,48 +174,6 @@ def test_sampled_value_steps_equal_full_steps_when_k_covers_every_prompt(tokeniz
     monkeypatch.setattr(values, "_backward", lambda *a, **k: seen.append(a[-1] is None) or backward(*a, **k))
     sampled = values.optimize_values(pm, layer, requests, 2, rows_per_step=2, full_every=2, **common).deltas
     assert seen == [False, True, False, True] and sampled.isfinite().all() and not torch.equal(sampled, every)
-
-
-def test_values_replaying_the_blocks_below_the_edit_layer_equal_running_them(tokenizer, monkeypatch):
-    """The value steps replay the output of the blocks below δ's layer (computed once per chunk) instead of running
-    them: the same δ as running every block on every step, and the blocks' own forward is back afterwards."""
-    from peft_persedit.editing import values
-    from peft_persedit.editing.frozen_blocks import FrozenBlocks
-
-    pm = tiny_pm()
-    layer = edit_layers(pm)[0]
-    requests = _multi_prompt_requests(tokenizer)
-    common = dict(steps=4, lr=0.5, nll_stop=-1.0, progress=False)
-    made = []
-    monkeypatch.setattr(values, "FrozenBlocks", lambda *a: made.append(FrozenBlocks(*a)) or made[-1])
-    replayed = values.optimize_values(pm, layer, requests, 2, **common).deltas
-    assert len(made[0].blocks) == 1 and all("forward" not in b.__dict__ for b in made[0].blocks)
-    monkeypatch.setattr(FrozenBlocks, "__bool__", lambda self: False)  # no block is frozen: all run every step
-    run = values.optimize_values(pm, layer, requests, 2, **common).deltas
-    torch.testing.assert_close(replayed, run, atol=1e-5, rtol=1e-4)
-
-
-def test_frozen_blocks_replay_their_output_and_restore_each_blocks_own_forward():
-    """Within replay() the blocks below the edit layer return the captured output without running; afterwards each
-    block's forward is what it was, including one set on the instance (as accelerate's hooks do)."""
-    from peft_persedit.editing.frozen_blocks import FrozenBlocks
-    from peft_persedit.editing.prefix_cache import decoder_of
-
-    pm = tiny_pm()
-    blocks = FrozenBlocks(decoder_of(pm), edit_layers(pm)[0])
-    own = blocks.blocks[0].forward
-    blocks.blocks[0].forward = wrapped = lambda *args, **kwargs: own(*args, **kwargs)
-    ids = torch.tensor([[5, 6, 7]])
-    output = blocks.capture(lambda: decoder_of(pm)(input_ids=ids))
-    hidden = output if isinstance(output, torch.Tensor) else output[0]
-    assert hidden.shape[:2] == (1, 3)
-    with blocks.replay(output):
-        assert blocks.blocks[0]() is output
-    assert blocks.blocks[0].forward is wrapped
-    del blocks.blocks[0].forward
-    with blocks.replay(output):
-        pass
-    assert "forward" not in blocks.blocks[0].__dict__
 
 
 def test_value_warmup_runs_the_bare_question_until_it_is_said_then_every_prompt(tokenizer, monkeypatch):
@@ -242,7 +186,7 @@ def test_value_warmup_runs_the_bare_question_until_it_is_said_then_every_prompt(
 
     pm = tiny_pm()
     layer = edit_layers(pm)[0]
-    requests = _multi_prompt_requests(tokenizer)  # 3 preferences × (4 prompts + 1 KL row)
+    requests = multi_prompt_requests(tokenizer)  # 3 preferences × (4 prompts + 1 KL row)
     rows = value_rows(requests, kl_weight=0.0625)
     alone = torch.tensor([r.is_kl or j == min(i for i, x in enumerate(rows) if x.owner == r.owner)
                           for j, r in enumerate(rows)])
@@ -276,7 +220,7 @@ def test_value_rows_of_unfinished_preferences_are_regrouped_when_most_rows_are_f
 
     pm = tiny_pm()
     layer = edit_layers(pm)[0]
-    requests = _multi_prompt_requests(tokenizer)  # 3 preferences × (4 prompts + 1 KL row)
+    requests = multi_prompt_requests(tokenizer)  # 3 preferences × (4 prompts + 1 KL row)
     backward, chunked = values._backward, values.make_chunks
 
     def first_two_finish_at_once(*args, **kwargs):  # preferences 0 and 1 say their target after the first step
