@@ -103,8 +103,9 @@ def layer_inputs(model: nn.Module, modules: Sequence[nn.Module], sequences: list
         for prefix, batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
             order += batch
             cut = len(prefix)
-            end = [len(sequences[i]) if positions is None else positions[i] + 1 for i in batch]  # causal: no later
-            ids, mask = pad_batch([sequences[i][cut:stop] for i, stop in zip(batch, end)], pad)  # token is needed
+            # causal attention: no token after a sequence's position is needed
+            end = [len(sequences[i]) if positions is None else positions[i] + 1 for i in batch]
+            ids, mask = pad_batch([sequences[i][cut:stop] for i, stop in zip(batch, end)], pad)
             state["mask"] = mask.bool().to(device)
             if positions is not None:
                 state["pos"] = torch.tensor([positions[i] - cut for i in batch], device=device)

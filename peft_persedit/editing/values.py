@@ -118,12 +118,12 @@ def sampled_rows(rows: list[Row], targets: dict[int, list[int]], count: int, gen
 
 
 def _backward(peft_model: nn.Module, hook: _AddDelta, chunks: list[Chunk], delta: torch.Tensor, done: torch.Tensor,
-              kl_reference: dict[int, torch.Tensor], per_owner: torch.Tensor, use: torch.Tensor | None = None,
-              norms: torch.Tensor | None = None, first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+              kl_reference: dict[int, torch.Tensor], per_owner: torch.Tensor, use: torch.Tensor | None, *,
+              norms: torch.Tensor, first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One step's gradient of Σ_i (mean NLL_i + λ_KL KL_i + λ_c KL_c,i) over the unfinished preferences' rows (only
     the rows in ``use``, when given; ``per_owner`` counts each preference's target rows among them); returns
-    (NLL [n], greedy reproduces every target [n]) over those rows. With ``norms``, each chunk's forward also updates
-    ‖v_i‖, and on the ``first`` step (δ = 0) it is recorded as the KL reference (:func:`_record`)."""
+    (NLL [n], greedy reproduces every target [n]) over those rows. Each chunk's forward also updates ‖v_i‖ in
+    ``norms``, and on the ``first`` step (δ = 0, every KL row) it is recorded as the KL reference (:func:`_record`)."""
     n = delta.shape[0]
     step_nll = torch.zeros(n, device=delta.device)
     step_greedy = torch.ones(n, dtype=torch.bool, device=delta.device)
@@ -136,8 +136,7 @@ def _backward(peft_model: nn.Module, hook: _AddDelta, chunks: list[Chunk], delta
         chunk = full if bool(active.all()) else full.subset(active)  # finished rows cost nothing
         hook.delta, hook.owner, hook.at = delta, chunk.owner, chunk.at
         logp = chunk.log_probs(peft_model)
-        if norms is not None:
-            _record(chunk, hook.original, logp, norms, kl_reference if first else None)
+        _record(chunk, hook.original, logp, norms, kl_reference if first else None)
         losses, greedy = chunk.losses(logp, kl_reference)
         missed = torch.zeros(n, dtype=torch.long, device=delta.device).index_add(0, chunk.owner, (~greedy).long())
         step_greedy &= missed == 0
@@ -205,7 +204,7 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
                 use = narrow if use is None else use & narrow
             per_owner = torch.where(warm, 1.0, every if full else sampled)
             step_nll, step_greedy = _backward(peft_model, hook, chunks, delta, done, kl_reference, per_owner, use,
-                                              norms=norms, first=step == 0)
+                                              norms=norms, first=step == 0 and full)  # else: _references did
             decay = weight_decay * delta.pow(2).sum(-1) / norms.pow(2).clamp(min=1e-8)
             decay.sum().backward()
             if full:  # only a step over every prompt can finish a preference
