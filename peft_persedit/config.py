@@ -98,9 +98,10 @@ class PersonalizationEditConfig(PeftConfig):
         "help": "k > 0: most v* steps use only k of a preference's prompts (its question and k − 1 drawn at random), "
                 "every 5th step and the last all of them; cheaper steps. 0 = every prompt every step."})
     value_warmup_steps: int = field(default=0, metadata={
-        "help": "w > 0: in the first w v* steps a preference fits its literal question alone (a step costs one of "
-                "its prompts) until greedy decoding says its target there; then every prompt. 0: all prompts at once "
-                "(10 edited 1.9x faster but lowered multiturn@10 to 0.88 on 100 UPQA users: benchmarks/README.md)."})
+        "help": "w > 0: in the first w v* steps a preference fits its literal question and its question after the "
+                "longest chat history alone until greedy decoding says its target on both; then every prompt. 0: all "
+                "prompts at once (the question alone, 10 steps, edited 1.9x faster but lowered multiturn@10 to 0.88 "
+                "on 100 UPQA users: benchmarks/README.md)."})
     clamp_norm_factor: float = field(default=4.0, metadata={"help": "‖δ‖ ≤ factor · ‖v‖."})
     mom2: Literal["self", "none"] = field(
         default="self", metadata={"help": "Second moment C = E[k kᵀ] from self-generated text, or none."}

@@ -177,10 +177,10 @@ def test_sampled_value_steps_equal_full_steps_when_k_covers_every_prompt(tokeniz
 
 
 def test_value_warmup_runs_the_bare_question_until_it_is_said_then_every_prompt(tokenizer, monkeypatch):
-    """warmup = w: a preference's first steps run only its bare question and KL rows (counted as one target row)
-    until greedy decoding says its target there; from the next step on they run every row, and only such a step
-    can finish it. From step w, and on the last step, every row of every preference runs, so each final NLL is over
-    all its prompts."""
+    """warmup = w: a preference's first steps run only its warm-up rows (here, without history prompts, its bare
+    question and KL rows, counted as one target row) until greedy decoding says its target there; from the next
+    step on they run every row, and only such a step can finish it. From step w, and on the last step, every row
+    of every preference runs, so each final NLL is over all its prompts."""
     from peft_persedit.editing import values
     from peft_persedit.editing.value_chunks import value_rows
 
@@ -211,6 +211,20 @@ def test_value_warmup_runs_the_bare_question_until_it_is_said_then_every_prompt(
     steps.clear()
     values.optimize_values(pm, layer, requests, 2, warmup=1, **common)  # every row from step 1 on
     assert steps[0][1] == alone.tolist() and [use for _, use in steps[1:]] == [None] * 3
+
+
+def test_warmup_rows_are_the_bare_question_the_longest_history_prompt_and_the_kl_rows():
+    """A warming preference runs its first target row, its target row after the longest shared chat history (none
+    when it has no history prompt) and its KL rows."""
+    from peft_persedit.editing.value_chunks import Row
+    from peft_persedit.editing.values import target_rows, warmup_rows
+
+    def row(owner: int, prefix: int, shared: bool = False, kl: bool = False) -> Row:
+        return Row(owner, [1] * prefix, [2], [0], [-1 if kl else 3], kl, shared=shared)
+
+    rows = [row(0, 1), row(0, 2), row(0, 9, shared=True), row(0, 5, shared=True), row(0, 1, kl=True),
+            row(1, 1), row(1, 3)]
+    assert warmup_rows(rows, target_rows(rows)).tolist() == [True, False, True, False, True, True, False]
 
 
 def test_value_rows_of_unfinished_preferences_are_regrouped_when_most_rows_are_finished(tokenizer, monkeypatch):

@@ -18,8 +18,9 @@ greedy tokens after prompt 0 + y, computed without δ), a further KL row adds
 
 so that an edit strong enough to hold after many chat turns does not derail the rest of the answer.
 
-With ``warmup`` = w, each preference first fits δ_i on its bare question (and its KL rows) alone, a step costing
-one of its prompts; from the step after greedy decoding says its target there, or from step w, every prompt counts.
+With ``warmup`` = w, each preference first fits δ_i on its bare question and its prompt after the longest chat
+history (and its KL rows) alone (:func:`warmup_rows`), a step costing two of its prompts; from the step after greedy
+decoding says its target on both, or from step w, every prompt counts.
 
 With ``rows_per_step`` = k, most steps are stochastic over prompts: each preference's loss is the mean over its
 bare question and k − 1 of its other prompts drawn afresh (step cost ∝ k instead of its number of prompts); every
@@ -117,6 +118,18 @@ def sampled_rows(rows: list[Row], targets: dict[int, list[int]], count: int, gen
     return use
 
 
+def warmup_rows(rows: list[Row], targets: dict[int, list[int]]) -> torch.Tensor:
+    """Rows a warming preference runs [len(rows)]: its KL rows, its first target row (the bare question) and its
+    target row after the longest shared chat history (the hardest to hold, when it has one)."""
+    use = torch.tensor([r.is_kl for r in rows])
+    for first, *others in targets.values():
+        use[first] = True
+        histories = [j for j in others if rows[j].shared]
+        if histories:
+            use[max(histories, key=lambda j: len(rows[j].prefix))] = True
+    return use
+
+
 def _backward(peft_model: nn.Module, hook: _AddDelta, chunks: list[Chunk], delta: torch.Tensor, done: torch.Tensor,
               kl_reference: dict[int, torch.Tensor], per_owner: torch.Tensor, use: torch.Tensor | None, *,
               norms: torch.Tensor, first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,9 +173,9 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
     question and k − 1 drawn at random; stochastic gradient over prompts), except every ``full_every``-th step
     and the last, which use all of them and alone decide when a preference is finished.
 
-    ``warmup`` = w > 0: in the first w steps a preference runs only its bare question and KL rows until greedy
-    decoding says its target there; from the next step (from step w, and on the last) all its rows, and only then
-    can it finish."""
+    ``warmup`` = w > 0: in the first w steps a preference runs only its :func:`warmup_rows` until greedy decoding
+    says its target on them; from the next step (from step w, and on the last) all its rows, and only then can it
+    finish."""
     device = next(peft_model.parameters()).device
     rows = value_rows(requests, kl_weight, continuation_weight)
     n = len(requests)
@@ -190,8 +203,9 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
         sampled = every.clamp(max=max(rows_per_step, 1))  # target rows per preference in a sampled step
         generator = torch.Generator().manual_seed(0)
         row_owner = torch.tensor([r.owner for r in rows], dtype=torch.long, device=device)
-        alone = torch.tensor([r.is_kl for r in rows], device=device)  # the rows a warming preference runs
-        alone[[first for first, *_ in targets.values()]] = True
+        alone = warmup_rows(rows, targets).to(device)  # the rows a warming preference runs
+        warm_target = alone & ~torch.tensor([r.is_kl for r in rows], device=device)
+        warm_rows = torch.bincount(row_owner[warm_target], minlength=n).clamp(min=1).float()  # its target rows there
         warm = torch.full((n,), warmup > 0, dtype=torch.bool, device=device)
         for step in tqdm(range(steps), desc="values δ*", disable=not progress, leave=False):
             optimizer.zero_grad()
@@ -202,7 +216,7 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
             if bool(warm.any()):
                 narrow = alone | ~warm[row_owner]
                 use = narrow if use is None else use & narrow
-            per_owner = torch.where(warm, 1.0, every if full else sampled)
+            per_owner = torch.where(warm, warm_rows, every if full else sampled)
             step_nll, step_greedy = _backward(peft_model, hook, chunks, delta, done, kl_reference, per_owner, use,
                                               norms=norms, first=step == 0 and full)  # else: _references did
             decay = weight_decay * delta.pow(2).sum(-1) / norms.pow(2).clamp(min=1e-8)
@@ -210,7 +224,7 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
             if full:  # only a step over every prompt can finish a preference
                 nll = torch.where(done | warm, nll, step_nll)
                 done |= ~warm & (nll < nll_stop) & step_greedy
-            warm &= ~step_greedy  # its question is said: every row from the next step
+            warm &= ~step_greedy  # its target is said there: every row from the next step
             if bool(done.all()):
                 break
             if full and len(chunks) > 1:  # most rows finished: regroup the others into fuller chunks
