@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from .chat import pad_batch
 from .clusters import kmeans
-from .prefix_cache import cache_argument, decoder_of, repeated
+from .prefix_cache import cache_argument, decoder_of, grouped_query_attention, repeated
 
 
 class KeyPrompts(NamedTuple):
@@ -99,7 +99,7 @@ def layer_inputs(model: nn.Module, modules: Sequence[nn.Module], sequences: list
     caches = {prefix: _prefix_cache(model, modules, list(prefix), device) for prefix in groups if prefix}
     decoder = decoder_of(model)
     order: list[int] = []
-    with captured_inputs(modules, select) as (outputs, run):
+    with captured_inputs(modules, select) as (outputs, run), grouped_query_attention(device):
         for prefix, batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
             order += batch
             cut = len(prefix)

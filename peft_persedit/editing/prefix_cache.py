@@ -3,11 +3,15 @@ chat turns), computed once at batch size 1 and repeated per batch, so that only 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
+import os
+from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -31,3 +35,23 @@ def repeated(cache: Any, rows: int) -> Any:
     if rows > 1:
         cache.batch_repeat_interleave(rows)
     return cache
+
+
+@contextlib.contextmanager
+def grouped_query_attention(device: torch.device) -> Iterator[None]:
+    """On CPU, let transformers' SDPA attention run grouped-query heads as they are (``enable_gqa``) instead of
+    copying each key/value head for its query heads first, also under an attention mask
+    (``TRANSFORMERS_SDPA_FORCE_GQA``, read on every call by transformers ≥ 5; older versions ignore it). The same
+    scores; with long cached prefixes (earlier chat turns) the copies cost more than the attention itself. Elsewhere
+    (CUDA falls back to the math kernel under a mask) a no-op."""
+    if device.type != "cpu" or _GQA_FLAG in os.environ:
+        yield
+        return
+    os.environ[_GQA_FLAG] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(_GQA_FLAG, None)
+
+
+_GQA_FLAG = "TRANSFORMERS_SDPA_FORCE_GQA"

@@ -19,7 +19,7 @@ from torch import nn
 from ..peft_type import BASE_ADAPTER
 from .chat import pad_batch
 from .frozen_blocks import FrozenBlocks, select_rows
-from .prefix_cache import cache_argument, decoder_of, repeated
+from .prefix_cache import cache_argument, decoder_of, grouped_query_attention, repeated
 
 
 @dataclass
@@ -159,7 +159,7 @@ class Chunk:
         cache it is given; the prefix stays pristine)."""
         cache = None if self.cache is None else repeated(self.cache, len(self.rows) if self.shared else 1)
         decoder = decoder_of(model)
-        with routing(model, self.adapters):
+        with routing(model, self.adapters), grouped_query_attention(self.ids.device):
             return decoder(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions,
                            use_cache=cache is not None, **{cache_argument(type(decoder)): cache}).last_hidden_state
 
