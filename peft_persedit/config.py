@@ -97,11 +97,11 @@ class PersonalizationEditConfig(PeftConfig):
     value_rows_per_step: int = field(default=0, metadata={
         "help": "k > 0: most v* steps use only k of a preference's prompts (its question and k − 1 drawn at random), "
                 "every 5th step and the last all of them; cheaper steps. 0 = every prompt every step."})
-    value_warmup_steps: int = field(default=0, metadata={
+    value_warmup_steps: int = field(default=10, metadata={
         "help": "w > 0: in the first w v* steps a preference fits its literal question and its question after the "
-                "longest chat history alone until greedy decoding says its target on both; then every prompt. 0: all "
-                "prompts at once (the question alone, 10 steps, edited 1.9x faster but lowered multiturn@10 to 0.88 "
-                "on 100 UPQA users: benchmarks/README.md)."})
+                "longest chat history alone until greedy decoding says its target on both; then every prompt (with "
+                "request_templates=2: multiturn@10 0.96 vs 0.90, edit 1.5x faster on 100 UPQA users; "
+                "benchmarks/README.md). 0: every prompt from the first step."})
     clamp_norm_factor: float = field(default=4.0, metadata={"help": "‖δ‖ ≤ factor · ‖v‖."})
     mom2: Literal["self", "none"] = field(
         default="self", metadata={"help": "Second moment C = E[k kᵀ] from self-generated text, or none."}
@@ -117,7 +117,7 @@ class PersonalizationEditConfig(PeftConfig):
     key_histories: list[int] = field(default_factory=lambda: [2, 5, 10], metadata={
         "help": "Each cluster also gets the key of its question after this many earlier chat turns (the model's own "
                 "answers to neutral prompts), one key per entry, so that the gate still fires deep in a chat."})
-    request_templates: int = field(default=4, metadata={
+    request_templates: int = field(default=2, metadata={
         "help": "Requests about the subject from the shipped templates ('What should I buy for my {subject}?', "
                 "...) added to each cluster's keys and value prompts, so edits shape advice and product requests."})
     synonyms: int = field(default=4, metadata={"help": "Synonyms asked of the model when none are given."})

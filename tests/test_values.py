@@ -213,6 +213,30 @@ def test_value_warmup_runs_the_bare_question_until_it_is_said_then_every_prompt(
     assert steps[0][1] == alone.tolist() and [use for _, use in steps[1:]] == [None] * 3
 
 
+def test_value_warmup_is_a_no_op_for_preferences_whose_warmup_rows_are_all_their_rows(tokenizer, monkeypatch):
+    """One prompt per preference (the paper's ROME): nothing to narrow, so δ and the final NLL are those without a
+    warm-up; a warming preference could not finish on the step its target is first said (here preference 0's, at
+    step 0, so it keeps δ = 0)."""
+    from peft_persedit.editing import values
+
+    pm = tiny_pm()
+    layer = edit_layers(pm)[0]
+    requests = multi_prompt_requests(tokenizer, prompts_per_pref=1)
+    backward, first = values._backward, torch.arange(len(requests)) == 0
+
+    def first_says_it_at_once(*args, **kwargs):
+        nll, greedy = backward(*args, **kwargs)
+        return torch.where(first, 0.0, nll), greedy | first
+
+    monkeypatch.setattr(values, "_backward", first_says_it_at_once)
+    common = dict(steps=4, lr=0.5, nll_stop=0.1, progress=False)
+    plain = values.optimize_values(pm, layer, requests, 2, **common)
+    warmed = values.optimize_values(pm, layer, requests, 2, warmup=10, **common)
+    assert not plain.deltas[0].any() and plain.deltas[1:].norm(dim=-1).gt(0).all()
+    torch.testing.assert_close(warmed.deltas, plain.deltas)
+    torch.testing.assert_close(warmed.final_nll, plain.final_nll)
+
+
 def test_warmup_rows_are_the_bare_question_the_longest_history_prompt_and_the_kl_rows():
     """A warming preference runs its first target row, its target row after the longest shared chat history (none
     when it has no history prompt) and its KL rows."""

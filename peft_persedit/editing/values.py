@@ -206,7 +206,7 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
         alone = warmup_rows(rows, targets).to(device)  # the rows a warming preference runs
         warm_target = alone & ~torch.tensor([r.is_kl for r in rows], device=device)
         warm_rows = torch.bincount(row_owner[warm_target], minlength=n).clamp(min=1).float()  # its target rows there
-        warm = torch.full((n,), warmup > 0, dtype=torch.bool, device=device)
+        warm = (warm_rows < every) & (warmup > 0)  # a preference whose warm-up rows are all its rows does not warm
         for step in tqdm(range(steps), desc="values δ*", disable=not progress, leave=False):
             optimizer.zero_grad()
             full = is_full(step)

@@ -21,7 +21,7 @@ from ...preferences import Preference
 from .method import AdapterMethod, Users
 
 ROME_CONFIG = dict(gate="none", mom2="none", synonyms=0, request_templates=0, value_histories=[],
-                   key_histories=[])
+                   key_histories=[], value_warmup_steps=0)
 
 
 def synonym_edits(users: Users, synonyms: dict[str, list[str]]) -> dict[str, list[Preference]]:
