@@ -22,8 +22,11 @@ With ``warmup`` = w, each preference first fits δ_i on its bare question and it
 history (and its KL rows) alone (:func:`warmup_rows`), a step costing two of its prompts; from the step after greedy
 decoding says its target on both, or from step w, every prompt counts.
 
-With ``precision`` = bfloat16, the blocks above the edit layer run under autocast (bf16 matrix products, fp32
-δ, Adam, LM head and losses): about 1.6× faster steps on CPUs with AVX512-BF16, δ fit to a slightly rounded model.
+With ``precision`` = bfloat16, the steps run under a bf16 autocast (bf16 matrix products in the blocks; δ, Adam,
+the LM head and the losses fp32; about 1.6× faster on CPUs with AVX512-BF16) until half of the unfinished
+preferences would finish (at the latest three steps before the last); from then on every step runs in the model's
+own dtype and only such steps finish a preference, so each δ is checked on the model that will use it (‖v_i‖ and
+the KL references stay those of the first step).
 
 With ``rows_per_step`` = k, most steps are stochastic over prompts: each preference's loss is the mean over its
 bare question and k − 1 of its other prompts drawn afresh (step cost ∝ k instead of its number of prompts); every
@@ -182,7 +185,7 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
     says its target on them; from the next step (from step w, and on the last) all its rows, and only then can it
     finish.
 
-    ``precision`` (float32 or bfloat16): the autocast dtype of the decoder's forwards (module docstring)."""
+    ``precision`` = bfloat16: the first steps run under a bf16 autocast (module docstring)."""
     device = next(peft_model.parameters()).device
     rows = value_rows(requests, kl_weight, continuation_weight)
     n = len(requests)
@@ -190,66 +193,78 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
     handle = module.register_forward_hook(hook)
     flags = [p.requires_grad for p in peft_model.parameters()]
     peft_model.requires_grad_(False)
-    autocast = nullcontext() if precision == torch.float32 else torch.autocast(device.type, dtype=precision)
     try:
-        with autocast:
-            frozen = FrozenBlocks(decoder_of(peft_model), module)  # below δ: run once per chunk
+        frozen = FrozenBlocks(decoder_of(peft_model), module)  # below δ: run once per chunk
+        fast = precision != torch.float32  # still in the autocast phase
+
+        def cast():  # the current phase's forwards (chunks' prefix caches are built in the same one)
+            return torch.autocast(device.type, dtype=precision) if fast else nullcontext()
+
+        with cast():
             chunks = make_chunks(peft_model, requests, rows, pad, batch_size, device, frozen=frozen)
-            seats = len(rows)  # rows the chunks hold
-            norms, kl_reference = torch.zeros(n, device=device), {}
+        seats = len(rows)  # rows the chunks hold
+        norms, kl_reference = torch.zeros(n, device=device), {}
 
-            def is_full(step: int) -> bool:
-                return not rows_per_step or step % full_every == full_every - 1 or step == steps - 1
+        def is_full(step: int) -> bool:
+            return not rows_per_step or step % full_every == full_every - 1 or step == steps - 1
 
-            if not is_full(0):  # otherwise the first step (δ = 0, every row) records them
+        if not is_full(0):  # otherwise the first step (δ = 0, every row) records them
+            with cast():
                 _references(peft_model, hook, chunks, norms, kl_reference)
-            delta = torch.zeros(n, module.out_features, device=device, requires_grad=True)
-            optimizer = torch.optim.Adam([delta], lr=lr)
-            done = torch.zeros(n, dtype=torch.bool, device=device)
-            nll = torch.full((n,), float("inf"), device=device)
-            targets = target_rows(rows)
-            every = torch.tensor([len(targets.get(i, ())) for i in range(n)], device=device).clamp(min=1).float()
-            sampled = every.clamp(max=max(rows_per_step, 1))  # target rows per preference in a sampled step
-            generator = torch.Generator().manual_seed(0)
-            row_owner = torch.tensor([r.owner for r in rows], dtype=torch.long, device=device)
-            alone = warmup_rows(rows, targets).to(device)  # the rows a warming preference runs
-            warm_target = alone & ~torch.tensor([r.is_kl for r in rows], device=device)
-            warm_rows = torch.bincount(row_owner[warm_target], minlength=n).clamp(min=1).float()  # its target rows
-            warm = (warm_rows < every) & (warmup > 0)  # a preference whose warm-up rows are all its rows does not warm
-            for step in tqdm(range(steps), desc="values δ*", disable=not progress, leave=False):
-                optimizer.zero_grad()
-                full = is_full(step)
-                use = None if full else sampled_rows(rows, targets, rows_per_step, generator)
-                if step >= warmup or step == steps - 1:
-                    warm[:] = False
-                if bool(warm.any()):
-                    narrow = alone | ~warm[row_owner]
-                    use = narrow if use is None else use & narrow
-                per_owner = torch.where(warm, warm_rows, every if full else sampled)
-                step_nll, step_greedy = _backward(peft_model, hook, chunks, delta, done, kl_reference, per_owner, use,
-                                                  norms=norms, first=step == 0 and full)  # else: _references did
-                decay = weight_decay * delta.pow(2).sum(-1) / norms.pow(2).clamp(min=1e-8)
-                decay.sum().backward()
-                if full:  # only a step over every prompt can finish a preference
-                    nll = torch.where(done | warm, nll, step_nll)
-                    done |= ~warm & (nll < nll_stop) & step_greedy
-                warm &= ~step_greedy  # its target is said there: every row from the next step
-                if bool(done.all()):
-                    break
-                if full and len(chunks) > 1:  # most rows finished: regroup the others into fuller chunks
-                    finished = done.tolist()
-                    live = [j for j, r in enumerate(rows) if not finished[r.owner]]
-                    if 2 * len(live) <= seats:
-                        hook.delta = hook.at = None
+        delta = torch.zeros(n, module.out_features, device=device, requires_grad=True)
+        optimizer = torch.optim.Adam([delta], lr=lr)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        nll = torch.full((n,), float("inf"), device=device)
+        targets = target_rows(rows)
+        every = torch.tensor([len(targets.get(i, ())) for i in range(n)], device=device).clamp(min=1).float()
+        sampled = every.clamp(max=max(rows_per_step, 1))  # target rows per preference in a sampled step
+        generator = torch.Generator().manual_seed(0)
+        row_owner = torch.tensor([r.owner for r in rows], dtype=torch.long, device=device)
+        alone = warmup_rows(rows, targets).to(device)  # the rows a warming preference runs
+        warm_target = alone & ~torch.tensor([r.is_kl for r in rows], device=device)
+        warm_rows = torch.bincount(row_owner[warm_target], minlength=n).clamp(min=1).float()  # its target rows there
+        warm = (warm_rows < every) & (warmup > 0)  # a preference whose warm-up rows are all its rows does not warm
+        for step in tqdm(range(steps), desc="values δ*", disable=not progress, leave=False):
+            optimizer.zero_grad()
+            full = is_full(step)
+            use = None if full else sampled_rows(rows, targets, rows_per_step, generator)
+            if step >= warmup or step == steps - 1:
+                warm[:] = False
+            if bool(warm.any()):
+                narrow = alone | ~warm[row_owner]
+                use = narrow if use is None else use & narrow
+            per_owner = torch.where(warm, warm_rows, every if full else sampled)
+            with cast():
+                step_nll, step_greedy = _backward(peft_model, hook, chunks, delta, done, kl_reference, per_owner,
+                                                  use, norms=norms, first=step == 0 and full)  # else: _references
+            decay = weight_decay * delta.pow(2).sum(-1) / norms.pow(2).clamp(min=1e-8)
+            decay.sum().backward()
+            rebuild = False
+            if full:  # only a step over every prompt (in the model's own dtype) can finish a preference
+                nll = torch.where(done | warm, nll, step_nll)
+                finishing = ~warm & (nll < nll_stop) & step_greedy
+                if not fast:
+                    done |= finishing
+            if fast and (step >= steps - 4 or full and 2 * int(finishing.sum()) >= int((~done).sum())):
+                fast, rebuild = False, True  # from the next step on: the model's dtype (chunks rebuilt in it)
+            warm &= ~step_greedy  # its target is said there: every row from the next step
+            if bool(done.all()):
+                break
+            if full and len(chunks) > 1 or rebuild:  # most rows finished: regroup the others into fuller chunks
+                finished = done.tolist()
+                live = [j for j, r in enumerate(rows) if not finished[r.owner]]
+                if 2 * len(live) <= seats or rebuild:
+                    hook.delta = hook.at = None
+                    with cast():
                         chunks, seats = make_chunks(peft_model, requests, rows, pad, batch_size, device, live,
                                                       frozen=frozen), len(live)
-                before = delta.detach().clone()
-                optimizer.step()
-                with torch.no_grad():
-                    delta[done] = before[done]  # Adam's momentum must not move finished values
-                    limit = clamp_norm_factor * norms
-                    delta.mul_((limit / delta.norm(dim=-1).clamp(min=1e-8)).clamp(max=1.0)[:, None])
-            return ValueResult(delta.detach(), nll.detach().cpu())
+            before = delta.detach().clone()
+            optimizer.step()
+            with torch.no_grad():
+                delta[done] = before[done]  # Adam's momentum must not move finished values
+                limit = clamp_norm_factor * norms
+                delta.mul_((limit / delta.norm(dim=-1).clamp(min=1e-8)).clamp(max=1.0)[:, None])
+        return ValueResult(delta.detach(), nll.detach().cpu())
     finally:
         handle.remove()
         for p, flag in zip(peft_model.parameters(), flags):
