@@ -43,14 +43,15 @@ def main() -> None:
                                 f"--rounds {args.rounds}", "limit": args.limit, "runs": []}
     for round_ in range(args.rounds):
         for precision in PRECISIONS:
-            pm.add_adapter(precision, PersonalizationEditConfig(value_precision=precision))
-            users, timings = edit_all(pm, tokenizer, prefs, f"{precision}_", precision)
+            name = f"v_{precision}"  # an adapter may not be named like a module attribute (bfloat16)
+            pm.add_adapter(name, PersonalizationEditConfig(value_precision=precision))
+            users, timings = edit_all(pm, tokenizer, prefs, f"{precision}_", name)
             run = {"round": round_, "precision": precision, "timings": timings,
                    **accuracy(pm, tokenizer, prefs, users)}
             union_adapter(pm, users, "all")
             all_out = answer_questions(pm, tokenizer, neutral, ["all"] * len(neutral))
             run["locality_all_in_one"] = sum(a == b for a, b in zip(base_out, all_out)) / len(neutral)
-            for user in [*users, "all", precision]:
+            for user in [*users, "all", name]:
                 pm.delete_adapter(user)
             results["runs"].append(run)
             print(json.dumps(run), flush=True)
