@@ -102,9 +102,6 @@ class PersonalizationEditConfig(PeftConfig):
                 "longest chat history alone until greedy decoding says its target on both; then every prompt (with "
                 "request_templates=2: multiturn@10 0.96 vs 0.90 on 100 UPQA users, 100 preferences edited in 215 s "
                 "vs 355 s; benchmarks/README.md). 0: every prompt from the first step."})
-    value_precision: Literal["float32", "bfloat16"] = field(default="float32", metadata={
-        "help": "Autocast dtype of the v* forwards and backwards (δ, Adam, LM head and losses stay fp32); bfloat16 "
-                "runs them about 1.6× faster on CPUs with AVX512-BF16 and on GPUs."})
     clamp_norm_factor: float = field(default=4.0, metadata={"help": "‖δ‖ ≤ factor · ‖v‖."})
     mom2: Literal["self", "none"] = field(
         default="self", metadata={"help": "Second moment C = E[k kᵀ] from self-generated text, or none."}
@@ -144,8 +141,6 @@ class PersonalizationEditConfig(PeftConfig):
             self.layers_to_transform = [self.layers_to_transform]
         if self.gate not in ("hard", "soft", "none"):
             raise ValueError(f"gate must be 'hard', 'soft' or 'none', got {self.gate!r}")
-        if self.value_precision not in ("float32", "bfloat16"):
-            raise ValueError(f"value_precision must be 'float32' or 'bfloat16', got {self.value_precision!r}")
         if self.gate_temperature <= 0:
             raise ValueError(f"gate_temperature must be > 0, got {self.gate_temperature}")
         unknown = set(self.trainable) - set(TRAINABLE_TENSORS)

@@ -286,7 +286,7 @@ class PersonalizationEditor:
                                lr=cfg.value_lr, kl_weight=cfg.kl_weight, weight_decay=cfg.value_weight_decay,
                                clamp_norm_factor=cfg.clamp_norm_factor, progress=self.progress,
                                continuation_weight=cfg.continuation_weight, rows_per_step=cfg.value_rows_per_step,
-                               warmup=cfg.value_warmup_steps, precision=getattr(torch, cfg.value_precision))
+                               warmup=cfg.value_warmup_steps)
 
     def _continuations(self, requests: list[ValueRequest], tokens: int) -> None:
         """Each request's ``continuation``: the greedy tokens its adapter (as it is before this edit) says after

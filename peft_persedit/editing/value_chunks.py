@@ -169,9 +169,7 @@ class Chunk:
         with nullcontext() if self.frozen_output is None else self.frozen.replay(self.frozen_output):
             hidden = self._forward(model)
         head = model.get_base_model().get_output_embeddings()
-        with torch.autocast(hidden.device.type, enabled=False):  # logits in fp32 also under a bf16 autocast
-            scored = hidden[self.flat_rows, self.flat_pos].to(next(head.parameters()).dtype)
-            return torch.log_softmax(head(scored).float(), dim=-1)
+        return torch.log_softmax(head(hidden[self.flat_rows, self.flat_pos]).float(), dim=-1)
 
     def losses(self, logp: torch.Tensor, kl_reference: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row: mean target NLL (or mean KL(reference ‖ now) for KL rows), and whether greedy decoding

@@ -22,12 +22,6 @@ With ``warmup`` = w, each preference first fits δ_i on its bare question and it
 history (and its KL rows) alone (:func:`warmup_rows`), a step costing two of its prompts; from the step after greedy
 decoding says its target on both, or from step w, every prompt counts.
 
-With ``precision`` = bfloat16, the steps run under a bf16 autocast (bf16 matrix products in the blocks; δ, Adam,
-the LM head and the losses fp32; about 1.6× faster on CPUs with AVX512-BF16) until half of the unfinished
-preferences would finish (at the latest three steps before the last); from then on every step runs in the model's
-own dtype and only such steps finish a preference, so each δ is checked on the model that will use it (‖v_i‖ and
-the KL references stay those of the first step).
-
 With ``rows_per_step`` = k, most steps are stochastic over prompts: each preference's loss is the mean over its
 bare question and k − 1 of its other prompts drawn afresh (step cost ∝ k instead of its number of prompts); every
 ``full_every``-th step and the last use every prompt and decide when a preference is finished.
@@ -35,7 +29,6 @@ bare question and k − 1 of its other prompts drawn afresh (step cost ∝ k ins
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -172,8 +165,7 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
                     steps: int = 25, lr: float = 0.5, kl_weight: float = 0.0625, weight_decay: float = 1e-3,
                     clamp_norm_factor: float = 4.0, nll_stop: float = 0.25, batch_size: int = 32,
                     progress: bool = True, span: int = 1, continuation_weight: float = 0.0,
-                    rows_per_step: int = 0, full_every: int = 5, warmup: int = 0,
-                    precision: torch.dtype = torch.float32) -> ValueResult:
+                    rows_per_step: int = 0, full_every: int = 5, warmup: int = 0) -> ValueResult:
     """Optimize δ_i for every request jointly (see module docstring). ``module`` = the edit layer; δ_i is
     added at the first ``span`` tokens from each prompt's index (1: the subject token).
 
@@ -183,9 +175,7 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
 
     ``warmup`` = w > 0: in the first w steps a preference runs only its :func:`warmup_rows` until greedy decoding
     says its target on them; from the next step (from step w, and on the last) all its rows, and only then can it
-    finish.
-
-    ``precision`` = bfloat16: the first steps run under a bf16 autocast (module docstring)."""
+    finish."""
     device = next(peft_model.parameters()).device
     rows = value_rows(requests, kl_weight, continuation_weight)
     n = len(requests)
@@ -195,13 +185,7 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
     peft_model.requires_grad_(False)
     try:
         frozen = FrozenBlocks(decoder_of(peft_model), module)  # below δ: run once per chunk
-        fast = precision != torch.float32  # still in the autocast phase
-
-        def cast():  # the current phase's forwards (chunks' prefix caches are built in the same one)
-            return torch.autocast(device.type, dtype=precision) if fast else nullcontext()
-
-        with cast():
-            chunks = make_chunks(peft_model, requests, rows, pad, batch_size, device, frozen=frozen)
+        chunks = make_chunks(peft_model, requests, rows, pad, batch_size, device, frozen=frozen)
         seats = len(rows)  # rows the chunks hold
         norms, kl_reference = torch.zeros(n, device=device), {}
 
@@ -209,8 +193,7 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
             return not rows_per_step or step % full_every == full_every - 1 or step == steps - 1
 
         if not is_full(0):  # otherwise the first step (δ = 0, every row) records them
-            with cast():
-                _references(peft_model, hook, chunks, norms, kl_reference)
+            _references(peft_model, hook, chunks, norms, kl_reference)
         delta = torch.zeros(n, module.out_features, device=device, requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=lr)
         done = torch.zeros(n, dtype=torch.bool, device=device)
@@ -234,30 +217,23 @@ def optimize_values(peft_model: nn.Module, module: nn.Module, requests: list[Val
                 narrow = alone | ~warm[row_owner]
                 use = narrow if use is None else use & narrow
             per_owner = torch.where(warm, warm_rows, every if full else sampled)
-            with cast():
-                step_nll, step_greedy = _backward(peft_model, hook, chunks, delta, done, kl_reference, per_owner,
-                                                  use, norms=norms, first=step == 0 and full)  # else: _references
+            step_nll, step_greedy = _backward(peft_model, hook, chunks, delta, done, kl_reference, per_owner, use,
+                                              norms=norms, first=step == 0 and full)  # else: _references did
             decay = weight_decay * delta.pow(2).sum(-1) / norms.pow(2).clamp(min=1e-8)
             decay.sum().backward()
-            rebuild = False
-            if full:  # only a step over every prompt (in the model's own dtype) can finish a preference
+            if full:  # only a step over every prompt can finish a preference
                 nll = torch.where(done | warm, nll, step_nll)
-                finishing = ~warm & (nll < nll_stop) & step_greedy
-                if not fast:
-                    done |= finishing
-            if fast and (step >= steps - 4 or full and 2 * int(finishing.sum()) >= int((~done).sum())):
-                fast, rebuild = False, True  # from the next step on: the model's dtype (chunks rebuilt in it)
+                done |= ~warm & (nll < nll_stop) & step_greedy
             warm &= ~step_greedy  # its target is said there: every row from the next step
             if bool(done.all()):
                 break
-            if full and len(chunks) > 1 or rebuild:  # most rows finished: regroup the others into fuller chunks
+            if full and len(chunks) > 1:  # most rows finished: regroup the others into fuller chunks
                 finished = done.tolist()
                 live = [j for j, r in enumerate(rows) if not finished[r.owner]]
-                if 2 * len(live) <= seats or rebuild:
+                if 2 * len(live) <= seats:
                     hook.delta = hook.at = None
-                    with cast():
-                        chunks, seats = make_chunks(peft_model, requests, rows, pad, batch_size, device, live,
-                                                      frozen=frozen), len(live)
+                    chunks, seats = make_chunks(peft_model, requests, rows, pad, batch_size, device, live,
+                                                  frozen=frozen), len(live)
             before = delta.detach().clone()
             optimizer.step()
             with torch.no_grad():
