@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--offsets", type=float, nargs="*", default=[],
                         help="also τ_i = max over calibration + o, for each o")
     parser.add_argument("--rho", type=float, default=0.7)
+    parser.add_argument("--detail", default=None, help="a row name: also count its other-subject fires per type pair")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     from peft_persedit import load_default_model
@@ -79,7 +80,7 @@ def main() -> None:
     row = {t: i for i, t in enumerate(texts)}
     types = [x["attribute_type"] for x in b100]
     others = {i: sorted({b100[j]["question"] for j in range(len(b100)) if types[j] != types[i]}) for i in range(100)}
-    result = {}
+    result, detail = {}, {}
     for layer, f in zip(args.layers, feats):
         for regime, pairs in regimes.items():
             labels_of = sorted({t for _, t in pairs})
@@ -120,10 +121,16 @@ def main() -> None:
                             for m, (s, r) in scored.items():
                                 fire = s >= tau if m_ is None else (s >= tau) & (s > r + m_)
                                 cell.setdefault(m, []).append(float(fire.any(-1).float().mean()))
+                                if m == "other_ff" and name == args.detail:
+                                    for q, hit in zip(others[i], fire.any(-1).tolist()):
+                                        pair = f"{types[i]} <- {q}"
+                                        detail[pair] = detail.get(pair, 0) + int(hit)
     table = {name: {held: {m: round(sum(v) / len(v), 3) for m, v in cell.items()} for held, cell in groups.items()}
              for name, groups in result.items()}
     for name, groups in table.items():
         print(name, json.dumps(groups))
+    if args.detail:
+        print(json.dumps(dict(sorted(detail.items(), key=lambda kv: -kv[1])), indent=0))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "router_gate.json").write_text(json.dumps(table, indent=1))
