@@ -88,6 +88,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=0.5)
     parser.add_argument("--clamp", type=float, default=4.0)
+    parser.add_argument("--type-requests", type=int, default=0,
+                        help="also fit δ on this many implicit / product questions of other dev items of the same "
+                             "attribute type (no balanced100 item, no evaluated string)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     from peft_persedit import PersonalizationEditConfig, load_default_model
@@ -105,13 +108,20 @@ def main() -> None:
     def seq(q: str) -> list[int]:
         return render(tokenizer, make_chat(q))
 
+    dev = json.loads((DATA / "upqa_dev.json").read_text())
+    own = {(x["input_attribute"], x["target"]) for x in b100}
+    evaluated = {x[f].strip().lower() for x in b100 for f in EVAL_FIELDS}
     requests, negatives = [], {}
     for j, i in enumerate(picked):
-        requests.append(ValueRequest([(seq(q), len(seq(q)) - SPAN) for q in variant_questions(c9[i])],
+        bank = sorted({x[f] for x in dev if x["attribute_type"] == types[i] and (x["input_attribute"], x["target"])
+                       not in own for f in EVAL_FIELDS[1:] if x[f].strip().lower() not in evaluated})
+        asked = variant_questions(c9[i]) + rng.sample(bank, min(args.type_requests, len(bank)))
+        requests.append(ValueRequest([(seq(q), len(seq(q)) - SPAN) for q in asked],
                                      encode(tokenizer, b100[i]["target"])))
         other = [q for k in range(len(b100)) if types[k] != types[i] for q in variant_questions(c9[k])]
         half = args.negatives // 2
-        negatives[j] = [seq(q) for q in rng.sample(other, half) + rng.sample(calib, args.negatives - half)]
+        if args.negatives:
+            negatives[j] = [seq(q) for q in rng.sample(other, half) + rng.sample(calib, args.negatives - half)]
     pm = get_peft_model(model, PersonalizationEditConfig()).eval()
     module = model.model.layers[args.layer].mlp.down_proj
     values_module.value_rows = with_kl_rows(negatives, args.kl_weight)
@@ -146,7 +156,7 @@ def main() -> None:
     print(json.dumps(summary))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        name = f"selective_value_L{args.layer}_kl{args.kl_weight}_n{args.negatives}.json"
+        name = f"selective_value_L{args.layer}_kl{args.kl_weight}_n{args.negatives}_t{args.type_requests}.json"
         (args.out / name).write_text(json.dumps(summary | {"rows": rows}, indent=1))
 
 

@@ -1,0 +1,139 @@
+"""Spike (issue 10): a routed edit end to end, router gate × generation-prompt shift, on all balanced100 items.
+
+    PYTHONPATH=.:benchmarks python benchmarks/spike_routed_edit.py --offsets 0.1 0.15 --out DIR
+
+Per balanced100 preference (single users): the router gate of ``spike_router_gate.py`` (layer L, competitive,
+τ_i = max over calibration neutral prompts + o; "seen" and "held-out" routers) decides, per chat, whether the
+preference's shift fires; the shift is ``spike_selective_value.py``'s δ_i at the generation prompt of layer L's MLP
+output, fit on the preference's cluster9 variant questions (no KL rows: the gate alone keeps the rest untouched).
+A chat the gate does not fire on is the base model's. Reports the target rate on the evaluated questions
+(exact substring, greedy, 24 tokens) and the unchanged share of the 50 held-out neutral prompts and of other
+subjects' literal questions, for held-out-type and seen-type items. No evaluated question is a key, value prompt or
+router training string.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+from spike_router_gate import HELD_OUT_TYPES, N_TAIL, training_items
+from spike_selective_value import SPAN, PromptShift, greedy
+from spike_topic_data import EVAL_FIELDS, variant_questions
+
+import peft_persedit.editing.values as values_module
+from peft_persedit.editing.chat import encode, pad_id
+from peft_persedit.editing.scope import tail_inputs, train_router
+from peft_persedit.editing.selftext import HELD_OUT_PROMPTS
+from peft_persedit.editing.value_chunks import ValueRequest
+from peft_persedit.evaluation.generation import make_chat, render
+from peft_persedit.evaluation.scoring import target_hit
+from peft_persedit.prompts import load_prompt_set
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "upqa"
+FIELDS = {"efficacy": "question"} | dict(zip(("generalization", "implicit", "product"), EVAL_FIELDS))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layer", type=int, default=12)
+    parser.add_argument("--offsets", type=float, nargs="+", default=[0.1])
+    parser.add_argument("--rho", type=float, default=0.7)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    from peft_persedit import PersonalizationEditConfig, load_default_model
+
+    torch.manual_seed(0)
+    model, tokenizer = load_default_model()
+    b100 = json.loads((DATA / "upqa_balanced100.json").read_text())
+    c9 = json.loads((DATA / "upqa_balanced100_cluster9.json").read_text())
+    dev = json.loads((DATA / "upqa_dev.json").read_text())
+    types = [x["attribute_type"] for x in b100]
+    neutral = load_prompt_set("neutral_prompts")
+    held, rest = neutral[:HELD_OUT_PROMPTS], neutral[HELD_OUT_PROMPTS:]
+    train_neg, calib = rest[::2] + load_prompt_set("distractor_questions"), rest[1::2]
+    others = {i: sorted({b100[k]["question"] for k in range(100) if types[k] != types[i]}) for i in range(100)}
+    regimes = {"seen": training_items(b100, dev, ()), "held-out": training_items(b100, dev, HELD_OUT_TYPES)}
+    texts = sorted({q for pairs in regimes.values() for q, _ in pairs} | set(train_neg) | set(calib) | set(held)
+                   | {q for x in c9 for q in variant_questions(x)}
+                   | {x[f] for x in b100 for f in FIELDS.values()})
+    seq = {t: render(tokenizer, make_chat(t)) for t in texts}
+    module = model.model.layers[args.layer].mlp.down_proj
+    feats = tail_inputs(model, module, [seq[t] for t in texts], pad_id(tokenizer), N_TAIL, desc="features")
+    row = {t: i for i, t in enumerate(texts)}
+
+    pm = get_peft_model(model, PersonalizationEditConfig()).eval()
+    requests = [ValueRequest([(seq[q], len(seq[q]) - SPAN) for q in variant_questions(c9[i])],
+                             encode(tokenizer, b100[i]["target"])) for i in range(100)]
+    start = time.perf_counter()
+    deltas = values_module.optimize_values(pm, module, requests, pad_id(tokenizer), steps=args.steps, lr=0.5,
+                                           kl_weight=0.0, span=SPAN).deltas
+    value_seconds = time.perf_counter() - start
+    probes = sorted(set(held) | {q for qs in others.values() for q in qs})
+    base = dict(zip(probes, greedy(pm, tokenizer, [seq[q] for q in probes])))
+    shift = PromptShift()
+    handle = module.register_forward_hook(shift)
+    answers: dict[tuple[int, str], list[int]] = {}  # (preference, question) → greedy ids with its shift
+
+    def shifted(i: int, question: str) -> list[int]:
+        if (i, question) not in answers:
+            shift.delta = deltas[i]
+            answers[(i, question)] = greedy(pm, tokenizer, [seq[question]])[0]
+            shift.delta = None
+        return answers[(i, question)]
+
+    table = {}
+    try:
+        for regime, pairs in regimes.items():
+            labels_of = sorted({t for _, t in pairs})
+            x = torch.cat([feats[[row[q] for q, _ in pairs]], feats[[row[q] for q in train_neg]]])
+            y = torch.tensor([labels_of.index(t) for _, t in pairs] + [-1] * len(train_neg))
+            router = train_router(x.reshape(-1, x.shape[-1]), y.repeat_interleave(N_TAIL), args.layer,
+                                  progress=False)
+
+            def z(strings: list[str], router=router) -> torch.Tensor:
+                return router.project(feats[[row[s] for s in strings]])
+
+            anchors = torch.stack([torch.nn.functional.normalize(z([q for q, u in pairs if u == t]).mean((0, 1)),
+                                                                 dim=0) for t in labels_of])
+            for offset in args.offsets:
+                cells: dict[str, dict[str, list[float]]] = {}
+                for i in range(100):
+                    keys = z(variant_questions(c9[i])).reshape(-1, anchors.shape[1])
+                    rivals = anchors[(anchors @ torch.nn.functional.normalize(keys.mean(0), dim=0)) < args.rho]
+                    tau = float((z(calib) @ keys.T).amax()) + offset
+
+                    def fires(questions: list[str], keys=keys, rivals=rivals, tau=tau) -> list[bool]:
+                        zq = z(questions)
+                        s, r = (zq @ keys.T).amax(-1), (zq @ rivals.T).amax(-1)
+                        return ((s >= tau) & (s > r)).any(-1).tolist()
+
+                    group = cells.setdefault("held-out types" if types[i] in HELD_OUT_TYPES
+                                             + ("entertainment preference",) else "seen types", {})
+                    own = list(FIELDS.values())
+                    for metric, field_name, fired in zip(FIELDS, own, fires([b100[i][f] for f in own])):
+                        hit = fired and target_hit(tokenizer.decode(shifted(i, b100[i][field_name])),
+                                                   b100[i]["target"])
+                        group.setdefault(metric, []).append(float(hit))
+                        group.setdefault(f"{metric}_fired", []).append(float(fired))
+                    for metric, qs in (("locality_neutral", held), ("locality_other", others[i])):
+                        same = [not f or shifted(i, q) == base[q] for q, f in zip(qs, fires(qs))]
+                        group.setdefault(metric, []).append(sum(same) / len(same))
+                name = f"L{args.layer} {regime} router, max+{offset}, competitive"
+                table[name] = {g: {m: round(sum(v) / len(v), 3) for m, v in c.items()} for g, c in cells.items()}
+                print(name, json.dumps(table[name]), flush=True)
+    finally:
+        handle.remove()
+    table["value_seconds_100_prefs"] = round(value_seconds, 1)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"routed_edit_L{args.layer}.json").write_text(json.dumps(table, indent=1))
+
+
+if __name__ == "__main__":
+    main()
