@@ -21,18 +21,16 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model
-from spike_router_gate import HELD_OUT_TYPES, N_TAIL, training_items
+from spike_router_gate import HELD_OUT_TYPES, N_TAIL, study_setup
 from spike_selective_value import SPAN, PromptShift, greedy
 from spike_topic_data import EVAL_FIELDS, variant_questions
 
 import peft_persedit.editing.values as values_module
 from peft_persedit.editing.chat import encode, pad_id
 from peft_persedit.editing.scope import tail_inputs, train_router
-from peft_persedit.editing.selftext import HELD_OUT_PROMPTS
 from peft_persedit.editing.value_chunks import ValueRequest
 from peft_persedit.evaluation.generation import make_chat, render
 from peft_persedit.evaluation.scoring import target_hit
-from peft_persedit.prompts import load_prompt_set
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "upqa"
 FIELDS = {"efficacy": "question"} | dict(zip(("generalization", "implicit", "product"), EVAL_FIELDS))
@@ -46,22 +44,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    from peft_persedit import PersonalizationEditConfig, load_default_model
+    from peft_persedit import PersonalizationEditConfig
 
-    torch.manual_seed(0)
-    model, tokenizer = load_default_model()
-    b100 = json.loads((DATA / "upqa_balanced100.json").read_text())
-    c9 = json.loads((DATA / "upqa_balanced100_cluster9.json").read_text())
-    dev = json.loads((DATA / "upqa_dev.json").read_text())
-    types = [x["attribute_type"] for x in b100]
-    neutral = load_prompt_set("neutral_prompts")
-    held, rest = neutral[:HELD_OUT_PROMPTS], neutral[HELD_OUT_PROMPTS:]
-    train_neg, calib = rest[::2] + load_prompt_set("distractor_questions"), rest[1::2]
-    others = {i: sorted({b100[k]["question"] for k in range(100) if types[k] != types[i]}) for i in range(100)}
-    regimes = {"seen": training_items(b100, dev, ()), "held-out": training_items(b100, dev, HELD_OUT_TYPES)}
-    texts = sorted({q for pairs in regimes.values() for q, _ in pairs} | set(train_neg) | set(calib) | set(held)
-                   | {q for x in c9 for q in variant_questions(x)}
-                   | {x[f] for x in b100 for f in FIELDS.values()})
+    model, tokenizer, data = study_setup()
+    b100, c9, types, regimes, others = data["b100"], data["c9"], data["types"], data["regimes"], data["others"]
+    held, train_neg, calib, texts = data["held"], data["train_neg"], data["calib"], data["texts"]
     seq = {t: render(tokenizer, make_chat(t)) for t in texts}
     module = model.model.layers[args.layer].mlp.down_proj
     feats = tail_inputs(model, module, [seq[t] for t in texts], pad_id(tokenizer), N_TAIL, desc="features")

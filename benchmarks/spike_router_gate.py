@@ -49,6 +49,36 @@ def training_items(b100: list[dict], dev: list[dict], hold_out: tuple[str, ...])
     return sorted(pairs)
 
 
+def study_data() -> dict:
+    """balanced100, its cluster9 entries, the neutral splits (held-out locality prompts, router negatives,
+    calibration), both routers' training pairs, per item the other subjects' literal questions, and every text
+    the studies read features of."""
+    b100 = json.loads((DATA / "upqa_balanced100.json").read_text())
+    c9 = json.loads((DATA / "upqa_balanced100_cluster9.json").read_text())
+    dev = json.loads((DATA / "upqa_dev.json").read_text())
+    neutral = load_prompt_set("neutral_prompts")
+    rest = neutral[HELD_OUT_PROMPTS:]
+    types = [x["attribute_type"] for x in b100]
+    data = {"b100": b100, "c9": c9, "types": types, "held": neutral[:HELD_OUT_PROMPTS],
+            "train_neg": rest[::2] + load_prompt_set("distractor_questions"), "calib": rest[1::2],
+            "regimes": {"seen": training_items(b100, dev, ()), "held-out": training_items(b100, dev, HELD_OUT_TYPES)},
+            "others": {i: sorted({b100[k]["question"] for k in range(len(b100)) if types[k] != types[i]})
+                       for i in range(len(b100))}}
+    data["texts"] = sorted({q for pairs in data["regimes"].values() for q, _ in pairs} | set(data["train_neg"])
+                           | set(data["calib"]) | set(data["held"]) | {q for x in c9 for q in variant_questions(x)}
+                           | {x[f] for x in b100 for f in ("question",) + EVAL_FIELDS})
+    return data
+
+
+def study_setup() -> tuple:
+    """(model, tokenizer, :func:`study_data`) with the embedded model, seeded."""
+    from peft_persedit import load_default_model
+
+    torch.manual_seed(0)
+    model, tokenizer = load_default_model()
+    return model, tokenizer, study_data()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[12, 18])
@@ -60,26 +90,13 @@ def main() -> None:
     parser.add_argument("--detail", default=None, help="a row name: also count its other-subject fires per type pair")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    from peft_persedit import load_default_model
-
-    torch.manual_seed(0)
-    model, tokenizer = load_default_model()
-    b100 = json.loads((DATA / "upqa_balanced100.json").read_text())
-    c9 = json.loads((DATA / "upqa_balanced100_cluster9.json").read_text())
-    dev = json.loads((DATA / "upqa_dev.json").read_text())
-    neutral = load_prompt_set("neutral_prompts")
-    held_neutral, rest = neutral[:HELD_OUT_PROMPTS], neutral[HELD_OUT_PROMPTS:]
-    train_neg, calib = rest[::2] + load_prompt_set("distractor_questions"), rest[1::2]
-    regimes = {"seen": training_items(b100, dev, ()), "held-out": training_items(b100, dev, HELD_OUT_TYPES)}
-    texts = sorted({q for pairs in regimes.values() for q, _ in pairs} | set(train_neg) | set(calib)
-                   | set(held_neutral) | {q for x in c9 for q in variant_questions(x)}
-                   | {x[f] for x in b100 for f in ("question",) + EVAL_FIELDS})
+    model, tokenizer, data = study_setup()
+    b100, c9, types, regimes, others = data["b100"], data["c9"], data["types"], data["regimes"], data["others"]
+    held_neutral, train_neg, calib, texts = data["held"], data["train_neg"], data["calib"], data["texts"]
     modules = [model.model.layers[layer].mlp.down_proj for layer in args.layers]
     seqs = [render(tokenizer, make_chat(t)) for t in texts]
     feats = tail_inputs(model, modules, seqs, pad_id(tokenizer), N_TAIL, desc="features")
     row = {t: i for i, t in enumerate(texts)}
-    types = [x["attribute_type"] for x in b100]
-    others = {i: sorted({b100[j]["question"] for j in range(len(b100)) if types[j] != types[i]}) for i in range(100)}
     result, detail = {}, {}
     for layer, f in zip(args.layers, feats):
         for regime, pairs in regimes.items():
