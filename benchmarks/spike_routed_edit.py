@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--offsets", type=float, nargs="+", default=[0.1])
     parser.add_argument("--rho", type=float, default=0.7)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--grouped", action="store_true",
+                        help="10 users of 10 preferences (one per type): the best-scoring shift of a user fires")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     from peft_persedit import PersonalizationEditConfig
@@ -61,6 +63,8 @@ def main() -> None:
     deltas = values_module.optimize_values(pm, module, requests, pad_id(tokenizer), steps=args.steps, lr=0.5,
                                            kl_weight=0.0, span=SPAN).deltas
     value_seconds = time.perf_counter() - start
+    by_type = {t: [i for i in range(100) if types[i] == t] for t in dict.fromkeys(types)}
+    users = [[items[g] for items in by_type.values()] for g in range(10)] if args.grouped else [[i] for i in range(100)]
     probes = sorted(set(held) | {q for qs in others.values() for q in qs})
     base = dict(zip(probes, greedy(pm, tokenizer, [seq[q] for q in probes])))
     shift = PromptShift()
@@ -89,29 +93,42 @@ def main() -> None:
             anchors = torch.stack([torch.nn.functional.normalize(z([q for q, u in pairs if u == t]).mean((0, 1)),
                                                                  dim=0) for t in labels_of])
             for offset in args.offsets:
-                cells: dict[str, dict[str, list[float]]] = {}
+                margins = []  # per preference: questions → best s − τ over the tokens that fire (−inf: none)
                 for i in range(100):
                     keys = z(variant_questions(c9[i])).reshape(-1, anchors.shape[1])
                     rivals = anchors[(anchors @ torch.nn.functional.normalize(keys.mean(0), dim=0)) < args.rho]
                     tau = float((z(calib) @ keys.T).amax()) + offset
 
-                    def fires(questions: list[str], keys=keys, rivals=rivals, tau=tau) -> list[bool]:
+                    def margin(questions: list[str], keys=keys, rivals=rivals, tau=tau) -> torch.Tensor:
                         zq = z(questions)
                         s, r = (zq @ keys.T).amax(-1), (zq @ rivals.T).amax(-1)
-                        return ((s >= tau) & (s > r)).any(-1).tolist()
+                        return (s - tau).masked_fill((s < tau) | (s <= r), float("-inf")).amax(-1)
 
-                    group = cells.setdefault("held-out types" if types[i] in HELD_OUT_TYPES
-                                             + ("entertainment preference",) else "seen types", {})
-                    own = list(FIELDS.values())
-                    for metric, field_name, fired in zip(FIELDS, own, fires([b100[i][f] for f in own])):
-                        hit = fired and target_hit(tokenizer.decode(shifted(i, b100[i][field_name])),
-                                                   b100[i]["target"])
-                        group.setdefault(metric, []).append(float(hit))
-                        group.setdefault(f"{metric}_fired", []).append(float(fired))
-                    for metric, qs in (("locality_neutral", held), ("locality_other", others[i])):
-                        same = [not f or shifted(i, q) == base[q] for q, f in zip(qs, fires(qs))]
-                        group.setdefault(metric, []).append(sum(same) / len(same))
-                name = f"L{args.layer} {regime} router, max+{offset}, competitive"
+                    margins.append(margin)
+                cells: dict[str, dict[str, list[float]]] = {}
+                for members in users:
+                    def route(questions: list[str], members=members, margins=margins) -> list[int | None]:
+                        """The member whose shift fires on each question (the best margin), or None."""
+                        best, who = torch.stack([margins[i](questions) for i in members]).max(0)
+                        return [members[k] if m > float("-inf") else None for m, k in zip(best.tolist(), who.tolist())]
+
+                    for i in members:
+                        group = cells.setdefault("held-out types" if types[i] in HELD_OUT_TYPES
+                                                 + ("entertainment preference",) else "seen types", {})
+                        own = [b100[i][f] for f in FIELDS.values()]
+                        for metric, question, chosen in zip(FIELDS, own, route(own)):
+                            hit = chosen is not None and target_hit(tokenizer.decode(shifted(chosen, question)),
+                                                                    b100[i]["target"])
+                            group.setdefault(metric, []).append(float(hit))
+                            group.setdefault(f"{metric}_fired", []).append(float(chosen is not None))
+                        probes_of = [("locality_neutral", held)]
+                        if len(members) == 1:  # grouped users hold every subject: no other-subject probes
+                            probes_of.append(("locality_other", others[i]))
+                        for metric, qs in probes_of:
+                            same = [c is None or shifted(c, q) == base[q] for q, c in zip(qs, route(qs))]
+                            group.setdefault(metric, []).append(sum(same) / len(same))
+                grouped = " grouped" if args.grouped else ""
+                name = f"L{args.layer} {regime} router, max+{offset}, competitive{grouped}"
                 table[name] = {g: {m: round(sum(v) / len(v), 3) for m, v in c.items()} for g, c in cells.items()}
                 print(name, json.dumps(table[name]), flush=True)
     finally:
@@ -119,7 +136,8 @@ def main() -> None:
     table["value_seconds_100_prefs"] = round(value_seconds, 1)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"routed_edit_L{args.layer}.json").write_text(json.dumps(table, indent=1))
+        name = f"routed_edit_L{args.layer}{'_grouped' if args.grouped else ''}.json"
+        (args.out / name).write_text(json.dumps(table, indent=1))
 
 
 if __name__ == "__main__":
