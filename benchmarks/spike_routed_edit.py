@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 from spike_router_gate import HELD_OUT_TYPES, N_TAIL, study_setup
-from spike_selective_value import SPAN, PromptShift, greedy
-from spike_topic_data import EVAL_FIELDS, variant_questions
+from spike_selective_value import FIELDS, SPAN, PromptShift, greedy
+from spike_topic_data import variant_questions
 
 import peft_persedit.editing.values as values_module
 from peft_persedit.editing.chat import encode, pad_id
@@ -31,9 +31,6 @@ from peft_persedit.editing.scope import tail_inputs, train_router
 from peft_persedit.editing.value_chunks import ValueRequest
 from peft_persedit.evaluation.generation import make_chat, render
 from peft_persedit.evaluation.scoring import target_hit
-
-DATA = Path(__file__).resolve().parents[1] / "data" / "upqa"
-FIELDS = {"efficacy": "question"} | dict(zip(("generalization", "implicit", "product"), EVAL_FIELDS))
 
 
 def main() -> None:
@@ -66,7 +63,7 @@ def main() -> None:
     by_type = {t: [i for i in range(100) if types[i] == t] for t in dict.fromkeys(types)}
     users = [[items[g] for items in by_type.values()] for g in range(10)] if args.grouped else [[i] for i in range(100)]
     probes = sorted(set(held) | {q for qs in others.values() for q in qs})
-    base = dict(zip(probes, greedy(pm, tokenizer, [seq[q] for q in probes])))
+    base = dict(zip(probes, greedy(pm, tokenizer, probes)))
     shift = PromptShift()
     handle = module.register_forward_hook(shift)
     answers: dict[tuple[int, str], list[int]] = {}  # (preference, question) → greedy ids with its shift
@@ -74,7 +71,7 @@ def main() -> None:
     def shifted(i: int, question: str) -> list[int]:
         if (i, question) not in answers:
             shift.delta = deltas[i]
-            answers[(i, question)] = greedy(pm, tokenizer, [seq[question]])[0]
+            answers[(i, question)] = greedy(pm, tokenizer, [question])[0]
             shift.delta = None
         return answers[(i, question)]
 

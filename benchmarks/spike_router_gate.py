@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 
 import torch
-from spike_topic_data import EVAL_FIELDS, variant_questions
+from spike_topic_data import DATA, EVAL_FIELDS, variant_questions
 
 from peft_persedit.editing.chat import pad_id
 from peft_persedit.editing.scope import tail_inputs, train_router
@@ -33,19 +33,19 @@ from peft_persedit.editing.selftext import HELD_OUT_PROMPTS
 from peft_persedit.evaluation.generation import make_chat, render
 from peft_persedit.prompts import load_prompt_set
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "upqa"
 HELD_OUT_TYPES = ("hobby", "pet", "location", "music preference", "career goal")
 N_TAIL = 6  # "?", "<|im_end|>", "\n", "<|im_start|>", "assistant", "\n" (SmolLM2's template)
 METRICS = dict(zip(("generalization", "implicit", "product"), EVAL_FIELDS))
 
 
-def training_items(b100: list[dict], dev: list[dict], hold_out: tuple[str, ...]) -> list[tuple[str, str]]:
-    """(question, attribute type) pairs for the router: no balanced100 item, no evaluated string."""
+def training_items(b100: list[dict], dev: list[dict], hold_out: tuple[str, ...],
+                   fields: tuple[str, ...] = ("question",) + EVAL_FIELDS) -> list[tuple[str, str]]:
+    """(question, attribute type) pairs of dev's ``fields`` for the router: no balanced100 item, no evaluated
+    string, no type in ``hold_out``."""
     own = {(x["input_attribute"], x["target"]) for x in b100}
     evaluated = {x[f].strip().lower() for x in b100 for f in EVAL_FIELDS}
     pairs = {(x[f], x["attribute_type"]) for x in dev if (x["input_attribute"], x["target"]) not in own
-             and x["attribute_type"] not in hold_out for f in ("question",) + EVAL_FIELDS
-             if x[f].strip().lower() not in evaluated}
+             and x["attribute_type"] not in hold_out for f in fields if x[f].strip().lower() not in evaluated}
     return sorted(pairs)
 
 

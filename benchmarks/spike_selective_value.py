@@ -22,19 +22,19 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model
-from spike_topic_data import EVAL_FIELDS, variant_questions
+from spike_router_gate import training_items
+from spike_topic_data import DATA, EVAL_FIELDS, variant_questions
+from spike_topic_eval import METRICS as FIELDS
 
 import peft_persedit.editing.values as values_module
-from peft_persedit.editing.chat import encode, pad_batch, pad_id
+from peft_persedit.editing.chat import encode, pad_id
 from peft_persedit.editing.selftext import HELD_OUT_PROMPTS
 from peft_persedit.editing.value_chunks import Row, ValueRequest
-from peft_persedit.evaluation.generation import eos_ids, make_chat, render
+from peft_persedit.evaluation.generation import generate_chats, make_chat, render
 from peft_persedit.evaluation.scoring import target_hit
 from peft_persedit.prompts import load_prompt_set
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "upqa"
 SPAN = 4  # "<|im_start|>", "ass", "istant", "\n"
-FIELDS = {"efficacy": "question"} | dict(zip(("generalization", "implicit", "product"), EVAL_FIELDS))
 
 
 def with_kl_rows(negatives: dict[int, list[list[int]]], weight: float):
@@ -67,16 +67,9 @@ class PromptShift:
         return output
 
 
-@torch.no_grad()
-def greedy(model, tokenizer, seqs: list[list[int]], max_new_tokens: int = 24) -> list[list[int]]:
-    pad, stop, out = pad_id(tokenizer), eos_ids(model, tokenizer), []
-    for start in range(0, len(seqs), 32):
-        ids, mask = pad_batch(seqs[start:start + 32], pad, left=True)
-        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                             pad_token_id=pad)
-        for row in gen[:, ids.shape[1]:].tolist():
-            out.append(row[: next((k + 1 for k, t in enumerate(row) if t in stop), len(row))])
-    return out
+def greedy(model, tokenizer, questions: list[str]) -> list[list[int]]:
+    """Greedy answer ids (24 tokens, cut after the first end of turn) to each question in a fresh chat."""
+    return [g.ids for g in generate_chats(model, tokenizer, [make_chat(q) for q in questions])]
 
 
 def main() -> None:
@@ -108,13 +101,10 @@ def main() -> None:
     def seq(q: str) -> list[int]:
         return render(tokenizer, make_chat(q))
 
-    dev = json.loads((DATA / "upqa_dev.json").read_text())
-    own = {(x["input_attribute"], x["target"]) for x in b100}
-    evaluated = {x[f].strip().lower() for x in b100 for f in EVAL_FIELDS}
+    requests_bank = training_items(b100, json.loads((DATA / "upqa_dev.json").read_text()), (), EVAL_FIELDS[1:])
     requests, negatives = [], {}
     for j, i in enumerate(picked):
-        bank = sorted({x[f] for x in dev if x["attribute_type"] == types[i] and (x["input_attribute"], x["target"])
-                       not in own for f in EVAL_FIELDS[1:] if x[f].strip().lower() not in evaluated})
+        bank = [q for q, t in requests_bank if t == types[i]]  # implicit / product questions of its type
         asked = variant_questions(c9[i]) + rng.sample(bank, min(args.type_requests, len(bank)))
         requests.append(ValueRequest([(seq(q), len(seq(q)) - SPAN) for q in asked],
                                      encode(tokenizer, b100[i]["target"])))
@@ -131,7 +121,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     others = {i: sorted({b100[k]["question"] for k in range(len(b100)) if types[k] != types[i]}) for i in picked}
     probes = sorted(set(held) | {q for qs in others.values() for q in qs})
-    base = dict(zip(probes, greedy(pm, tokenizer, [seq(q) for q in probes])))
+    base = dict(zip(probes, greedy(pm, tokenizer, probes)))
     shift = PromptShift()
     handle = module.register_forward_hook(shift)
     rows: dict[str, list[float]] = {}
@@ -140,7 +130,7 @@ def main() -> None:
             shift.delta = result.deltas[j]
             own = [b100[i][f] for f in FIELDS.values()]
             asked = own + held + others[i]
-            answers = greedy(pm, tokenizer, [seq(q) for q in asked])
+            answers = greedy(pm, tokenizer, asked)
             for metric, answer in zip(FIELDS, answers):
                 rows.setdefault(metric, []).append(float(target_hit(tokenizer.decode(answer), b100[i]["target"])))
             n = len(own)
